@@ -1,0 +1,33 @@
+# mmekit's front door: each target is one line into one Python tool (logic lives in scripts/).
+# `make help` lists them.
+
+PYTHON ?= python3
+VENV_PY := .venv/bin/python
+SETUP := $(PYTHON) -m scripts.bootstrap
+
+.DEFAULT_GOAL := help
+.PHONY: help setup weights fetch-weights test test-handlers test-slow lint
+
+help: ## list the targets
+	@$(PYTHON) -m scripts.make_help Makefile
+
+setup: ## install Java 17 (apt) when missing, create .venv with the pinned packages
+	@$(SETUP)
+
+weights: ## build the tiny random weights into weights/tiny (seconds, offline)
+	@$(SETUP) && $(VENV_PY) -m scripts.weights build --tier tiny
+
+fetch-weights: ## download the real checkpoints into weights/full (SHA-256 pinned; SAM_VARIANT=vit_h)
+	@$(SETUP) && $(VENV_PY) -m scripts.weights fetch --sam-variant $(or $(SAM_VARIANT),vit_h)
+
+test: ## set up everything and run all fast tests (the command CI runs)
+	@$(SETUP) && $(VENV_PY) -m pytest
+
+test-handlers: ## set up and run the handler tests only
+	@$(SETUP) && $(VENV_PY) -m pytest tests/handlers
+
+test-slow: ## the slow tests too (full-size random models)
+	@$(SETUP) && $(VENV_PY) -m pytest --run-slow
+
+lint: ## ruff over handlers, scripts and tests
+	@$(SETUP) && $(VENV_PY) -m ruff check handlers scripts tests
