@@ -1,0 +1,451 @@
+"""What all three mmekit handlers share: request parsing, image codec, validation, typed errors.
+
+This module ships inside every model archive next to the handler file; TorchServe puts the
+archive's root on sys.path, so handlers import it as a top-level module (`import mmekit_common`).
+
+A handler is a subclass of `EditHandler` that reads as decode -> validate -> infer -> encode.
+Bad input raises `RequestError`; `EditHandler.handle` is the one place that turns it into an
+HTTP 400 with a JSON body {"error": code, "message": what to fix}. Never 413: the frontend
+rewrites 413 to 507, and SageMaker evicts models when it sees 507.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import json
+import logging
+import math
+import os
+import re
+from collections import OrderedDict
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+logger = logging.getLogger(__name__)
+
+# Formats a client may send; everything else (TIFF, BMP, PSD, ...) is refused before decoding.
+ALLOWED_IMAGE_FORMATS = ("PNG", "JPEG", "WEBP")
+RESPONSE_FORMATS = {"png": "PNG", "jpeg": "JPEG", "jpg": "JPEG", "webp": "WEBP"}
+DEFAULT_MAX_IMAGE_PIXELS = 4096 * 4096
+_DATA_URI = re.compile(r"^data:[\w.+/-]*(;[\w.+=-]+)*;base64,", re.IGNORECASE)
+_WHITESPACE = re.compile(r"\s+")
+
+
+class RequestError(Exception):
+    """Bad input: carries an error code, a message saying what to fix, and its HTTP status."""
+
+    def __init__(self, code: str, message: str, status: int = 400) -> None:
+        super().__init__(message)
+        if status == 413:  # TorchServe turns 413 into 507, and SageMaker evicts on 507
+            status = 400
+        self.code = code
+        self.message = message
+        self.status = status
+
+    def body(self) -> str:
+        return json.dumps({"error": self.code, "message": self.message})
+
+
+# --------------------------------------------------------------------------------------------
+# Request envelope
+
+
+def read_payload(row: Any) -> dict:
+    """One TorchServe batch row -> the request object.
+
+    TorchServe hands the body as raw bytes when `decode_input_request=false` (SageMaker's
+    toolkit), or already decoded (dict for JSON, str for text) with the default setting.
+    """
+    body = row.get("body", row.get("data")) if isinstance(row, Mapping) else row
+    if body is None:
+        # TorchServe splits form-encoded bodies (curl -d's default type) into named fields
+        raise RequestError(
+            "empty_request",
+            "no JSON body: send a JSON object with the header Content-Type: application/json",
+        )
+    if isinstance(body, (bytes, bytearray)):
+        try:
+            body = bytes(body).decode("utf-8")
+        except UnicodeDecodeError:
+            raise RequestError(
+                "invalid_json", "the request body is not UTF-8 JSON: send a JSON object"
+            ) from None
+    if isinstance(body, str):
+        try:
+            body = json.loads(body)
+        except json.JSONDecodeError as error:
+            raise RequestError(
+                "invalid_json",
+                f"the request body is not valid JSON ({error.msg} at "
+                f"position {error.pos}): send a JSON object",
+            ) from None
+    if not isinstance(body, dict):
+        raise RequestError(
+            "invalid_request",
+            f"the request body must be a JSON object, got {type(body).__name__}",
+        )
+    return body
+
+
+def require(payload: Mapping, field: str) -> Any:
+    if field not in payload or payload[field] is None:
+        raise RequestError("missing_field", f"the request needs the field '{field}'")
+    return payload[field]
+
+
+def read_json_object(value: Any, field: str) -> dict:
+    """A field sent as a JSON object or as a string holding one (as the AWS sample sends)."""
+    if value is None:
+        return {}
+    if isinstance(value, (str, bytes, bytearray)):
+        try:
+            value = json.loads(value)
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise RequestError(
+                "invalid_field", f"'{field}' must be a JSON object or a string holding one"
+            ) from None
+    if not isinstance(value, dict):
+        raise RequestError("invalid_field", f"'{field}' must be a JSON object")
+    return value
+
+
+# --------------------------------------------------------------------------------------------
+# Scalar validation
+
+
+def read_int(options: Mapping, name: str, default: int, low: int, high: int) -> int:
+    value = options.get(name, default)
+    if value is None:
+        return default
+    # bool is an int subclass in Python; true/false is never a meaningful count here
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise RequestError("invalid_field", f"'{name}' must be an integer from {low} to {high}")
+    if isinstance(value, float) and (not math.isfinite(value) or not value.is_integer()):
+        raise RequestError("invalid_field", f"'{name}' must be an integer from {low} to {high}")
+    value = int(value)
+    if not low <= value <= high:
+        raise RequestError("out_of_range", f"'{name}' must be from {low} to {high}, got {value}")
+    return value
+
+
+def read_float(options: Mapping, name: str, default: float, low: float, high: float) -> float:
+    value = options.get(name, default)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise RequestError("invalid_field", f"'{name}' must be a number from {low} to {high}")
+    value = float(value)
+    if not math.isfinite(value):
+        raise RequestError("invalid_field", f"'{name}' must be a finite number")
+    if not low <= value <= high:
+        raise RequestError("out_of_range", f"'{name}' must be from {low} to {high}, got {value}")
+    return value
+
+
+def read_bool(options: Mapping, name: str, default: bool) -> bool:
+    value = options.get(name, default)
+    if value is None:
+        return default
+    if not isinstance(value, bool):
+        raise RequestError("invalid_field", f"'{name}' must be true or false")
+    return value
+
+
+def read_text(options: Mapping, name: str, max_chars: int, required: bool = False) -> str:
+    value = require(options, name) if required else options.get(name)
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        raise RequestError("invalid_field", f"'{name}' must be a string")
+    if len(value) > max_chars:
+        raise RequestError(
+            "too_long", f"'{name}' has {len(value)} characters; the limit is {max_chars}"
+        )
+    return value
+
+
+def read_response_format(options: Mapping) -> str:
+    value = options.get("format", "png")
+    if not isinstance(value, str) or value.lower() not in RESPONSE_FORMATS:
+        raise RequestError("invalid_field", "'format' must be one of: png, jpeg, webp")
+    return RESPONSE_FORMATS[value.lower()]
+
+
+# --------------------------------------------------------------------------------------------
+# Image codec
+
+
+def decode_base64(value: Any, field: str) -> bytes:
+    """Strict base64: every character must belong to the alphabet (after line breaks and a
+    data-URI prefix are removed), so corrupted uploads fail here instead of as odd pixels."""
+    if not isinstance(value, str):
+        raise RequestError("invalid_field", f"'{field}' must be a base64 string")
+    text = _DATA_URI.sub("", value.strip(), count=1)
+    text = _WHITESPACE.sub("", text)  # `base64` without -w0 wraps lines at 76 characters
+    if not text:
+        raise RequestError("invalid_base64", f"'{field}' is empty: send a base64-encoded image")
+    try:
+        return base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        raise RequestError(
+            "invalid_base64", f"'{field}' is not valid base64 (standard alphabet, with padding)"
+        ) from None
+
+
+def decode_image(
+    data: bytes, field: str, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS, mode: str = "RGB"
+) -> Image.Image:
+    """Bytes -> a fully loaded Pillow image in `mode`, EXIF orientation applied.
+
+    The pixel cap is checked on the header, before any pixel is decoded, so a tiny file that
+    claims a huge size costs nothing.
+    """
+    try:
+        image = Image.open(io.BytesIO(data), formats=ALLOWED_IMAGE_FORMATS)
+    except Image.DecompressionBombError:
+        raise RequestError(
+            "image_too_large", f"'{field}' has too many pixels; the limit is {max_pixels}"
+        ) from None
+    except (UnidentifiedImageError, OSError, ValueError):
+        raise RequestError("invalid_image", f"'{field}' is not a PNG, JPEG or WebP image") from None
+    width, height = image.size
+    if width < 1 or height < 1 or width * height > max_pixels:
+        raise RequestError(
+            "image_too_large",
+            f"'{field}' is {width}x{height} ({width * height} pixels); the limit is "
+            f"{max_pixels} pixels: downscale it first",
+        )
+    try:
+        image.load()
+        image = ImageOps.exif_transpose(image)
+        return image.convert(mode)
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+        raise RequestError(
+            "invalid_image", f"'{field}' could not be decoded (truncated or corrupt image)"
+        ) from None
+
+
+def read_image(
+    payload: Mapping, field: str, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS, mode: str = "RGB"
+) -> Image.Image:
+    return decode_image(decode_base64(require(payload, field), field), field, max_pixels, mode)
+
+
+def read_mask(
+    payload: Mapping, field: str, size: tuple[int, int], max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
+) -> np.ndarray:
+    """A mask image -> bool array (True = edit here), binarised at > 0; must match `size`."""
+    mask = read_image(payload, field, max_pixels, mode="L")
+    if mask.size != size:
+        raise RequestError(
+            "mask_size_mismatch",
+            f"'{field}' is {mask.size[0]}x{mask.size[1]} but the image is {size[0]}x{size[1]}: "
+            "send a mask of the same size",
+        )
+    return np.asarray(mask) > 0
+
+
+def encode_image(image: Image.Image, image_format: str = "PNG") -> str:
+    buffer = io.BytesIO()
+    if image_format == "JPEG":
+        image.save(buffer, format="JPEG", quality=95)
+    else:
+        image.save(buffer, format=image_format)
+    return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def mask_to_image(mask: np.ndarray) -> Image.Image:
+    """bool mask -> single-channel 0/255 image."""
+    return Image.fromarray(mask.astype(np.uint8) * 255, mode="L")
+
+
+def dilate_mask(mask: np.ndarray, kernel_size: int) -> np.ndarray:
+    """Binary dilation with a kernel_size x kernel_size square, one iteration.
+
+    Matches OpenCV's `cv2.dilate(mask, np.ones((k, k)), iterations=1)` used by the reference
+    (anchor at k // 2, so even sizes grow one pixel more to the left/top), without OpenCV.
+    """
+    if kernel_size <= 1 or not mask.any():
+        return mask
+    before = kernel_size // 2
+    after = kernel_size - 1 - before
+    tensor = torch.from_numpy(mask.astype(np.float32))[None, None]
+    padded = torch.nn.functional.pad(tensor, (before, after, before, after))
+    dilated = torch.nn.functional.max_pool2d(padded, kernel_size, stride=1)
+    return dilated[0, 0].numpy() > 0
+
+
+@dataclass
+class InpaintInputs:
+    """What LaMa and SD both take: an image, where to edit it, and how to send it back."""
+
+    image: Image.Image  # RGB
+    mask: np.ndarray  # H x W bool, True = replace these pixels
+    response_format: str  # Pillow format name
+
+
+def read_inpaint_inputs(payload: Mapping, max_pixels: int, max_dilate: int) -> InpaintInputs:
+    """image + mask_image (same size, binarised > 0), optional dilate_kernel_size and format."""
+    image = read_image(payload, "image", max_pixels)
+    mask = read_mask(payload, "mask_image", image.size, max_pixels)
+    kernel_size = read_int(payload, "dilate_kernel_size", 0, 0, max_dilate)
+    return InpaintInputs(image, dilate_mask(mask, kernel_size), read_response_format(payload))
+
+
+def composite(original: np.ndarray, generated: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """Generated pixels inside the mask, the original's bytes everywhere else."""
+    return np.where(mask[..., None], generated, original)
+
+
+class LruCache:
+    """A small least-recently-used map (SAM's image embeddings, keyed by image hash)."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = max(0, int(capacity))
+        self._entries: OrderedDict[str, Any] = OrderedDict()
+
+    def get(self, key: str) -> Any:
+        if key not in self._entries:
+            return None
+        self._entries.move_to_end(key)
+        return self._entries[key]
+
+    def put(self, key: str, value: Any) -> None:
+        if self.capacity == 0:
+            return
+        self._entries[key] = value
+        self._entries.move_to_end(key)
+        while len(self._entries) > self.capacity:
+            self._entries.popitem(last=False)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+
+# --------------------------------------------------------------------------------------------
+# Model context
+
+
+@dataclass(frozen=True)
+class HandlerContext:
+    """What a handler needs from TorchServe's context: its folder, its settings, its device."""
+
+    model_dir: Path
+    settings: dict
+    device: torch.device
+
+    def setting(self, name: str, default: Any = None) -> Any:
+        return self.settings.get(name, default)
+
+    def path(self, name: str, default: str) -> Path:
+        """A path setting, relative to the model folder; '..' may not lead out of it."""
+        relative = Path(os.path.normpath(str(self.settings.get(name, default))))
+        if relative.is_absolute() or relative.parts[:1] == ("..",):
+            raise ValueError(f"setting {name}={relative} must stay inside the model folder")
+        return self.model_dir / relative
+
+
+def select_device(gpu_id: Any) -> torch.device:
+    # TorchServe passes gpu_id None on CPU hosts; CUDA only when it is both assigned and present.
+    if gpu_id is not None and torch.cuda.is_available():
+        return torch.device(f"cuda:{int(gpu_id)}")
+    return torch.device("cpu")
+
+
+def handler_context(context: Any) -> HandlerContext:
+    """TorchServe's context (or any object with the same attributes) -> HandlerContext.
+
+    Settings are the `handler:` section of the archive's model-config.yaml.
+    """
+    properties = context.system_properties
+    yaml_config = getattr(context, "model_yaml_config", None) or {}
+    settings = dict(yaml_config.get("handler") or {})
+    return HandlerContext(
+        model_dir=Path(properties["model_dir"]),
+        settings=settings,
+        device=select_device(properties.get("gpu_id")),
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# The handler skeleton
+
+
+class EditHandler:
+    """decode -> validate -> infer -> encode for each request of a batch.
+
+    Subclasses implement `load`, `decode`, `validate`, `infer` and `encode`. `decode` turns the
+    JSON object into a request (images decoded), `validate` checks it against the model and its
+    limits before any model work, `infer` runs the model, `encode` makes the JSON response.
+    """
+
+    def __init__(self) -> None:
+        self.initialized = False
+        self.config: HandlerContext | None = None
+
+    def initialize(self, context: Any) -> None:
+        self.config = handler_context(context)
+        self.max_image_pixels = int(
+            self.config.setting("max_image_pixels", DEFAULT_MAX_IMAGE_PIXELS)
+        )
+        self.load(self.config)
+        self.initialized = True
+
+    # -- to implement ---------------------------------------------------------------------
+    def load(self, config: HandlerContext) -> None:
+        raise NotImplementedError
+
+    def decode(self, payload: dict) -> Any:
+        raise NotImplementedError
+
+    def validate(self, request: Any) -> None:
+        """Checks that need the model or several fields at once; decode did the rest."""
+
+    def infer(self, request: Any) -> Any:
+        raise NotImplementedError
+
+    def encode(self, result: Any) -> dict:
+        raise NotImplementedError
+
+    # -- the loop ---------------------------------------------------------------------------
+    def process(self, row: Any) -> dict:
+        request = self.decode(read_payload(row))
+        self.validate(request)
+        with torch.inference_mode():
+            result = self.infer(request)
+        return self.encode(result)
+
+    def handle(self, data: list, context: Any) -> list:
+        """TorchServe's entry point: one JSON response per request of the batch.
+
+        Each request gets its own status, so one bad request in a batch fails alone. Errors
+        are answered with our JSON body and status 400 set on the request itself: raising
+        PredictionException would make the frontend wrap the body as a string inside its own
+        {"code", "type", "message"} envelope. Only a context that cannot carry per-request
+        status (no TorchServe request processor) falls back to PredictionException.
+        """
+        responses: list = []
+        for index, row in enumerate(data):
+            try:
+                body, status = json.dumps(self.process(row)), 200
+            except RequestError as error:
+                logger.info("rejected request %d: %s: %s", index, error.code, error.message)
+                body, status = error.body(), error.status
+                if getattr(context, "request_processor", None) is None:
+                    from ts.utils.util import PredictionException
+
+                    raise PredictionException(body, status) from None
+            if getattr(context, "request_processor", None) is not None:
+                if status != 200:
+                    context.set_response_status(status, "Bad Request", idx=index)
+                context.set_response_content_type(index, "application/json")
+            responses.append(body)
+        return responses

@@ -1,0 +1,272 @@
+"""The shared request/image layer every handler stands on."""
+
+from __future__ import annotations
+
+import io
+import json
+import struct
+import zlib
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from PIL import Image
+
+import mmekit_common as common
+from mmekit_common import RequestError
+from tests.support import b64, image_bytes, random_image
+
+
+def error_code(call, *args, **kwargs) -> str:
+    with pytest.raises(RequestError) as raised:
+        call(*args, **kwargs)
+    assert raised.value.status == 400
+    json.loads(raised.value.body())  # always a JSON body
+    return raised.value.code
+
+
+def png_claiming_size(width: int, height: int) -> bytes:
+    """A valid 1x1 PNG whose header is rewritten to claim width x height."""
+    data = bytearray(image_bytes(Image.new("RGB", (1, 1))))
+    ihdr = data.index(b"IHDR")
+    data[ihdr + 4 : ihdr + 12] = struct.pack(">II", width, height)
+    crc = zlib.crc32(bytes(data[ihdr : ihdr + 17])) & 0xFFFFFFFF
+    data[ihdr + 17 : ihdr + 21] = struct.pack(">I", crc)
+    return bytes(data)
+
+
+# -- request envelope ------------------------------------------------------------------------
+
+
+def test_payload_from_bytes_str_and_dict_are_the_same():
+    request = {"image": "abc", "gen_args": {"a": 1}}
+    as_bytes = common.read_payload({"body": json.dumps(request).encode()})
+    as_bytearray = common.read_payload({"body": bytearray(json.dumps(request).encode())})
+    as_text = common.read_payload({"body": json.dumps(request)})
+    as_dict = common.read_payload({"body": request})
+    from_data_key = common.read_payload({"data": request})
+    assert as_bytes == as_bytearray == as_text == as_dict == from_data_key == request
+
+
+@pytest.mark.parametrize(
+    "body, code",
+    [
+        (b"{not json", "invalid_json"),
+        (b"\xff\xfe", "invalid_json"),
+        (b"[1, 2, 3]", "invalid_request"),
+        (b'"a string"', "invalid_request"),
+        ([1, 2], "invalid_request"),
+        (None, "empty_request"),
+    ],
+)
+def test_payload_that_is_not_a_json_object_is_a_400(body, code):
+    assert error_code(common.read_payload, {"body": body}) == code
+
+
+def test_json_field_accepts_object_or_string_and_nothing_else():
+    assert common.read_json_object('{"a": 1}', "gen_args") == {"a": 1}
+    assert common.read_json_object({"a": 1}, "gen_args") == {"a": 1}
+    assert common.read_json_object(None, "gen_args") == {}
+    assert error_code(common.read_json_object, "[1]", "gen_args") == "invalid_field"
+    assert error_code(common.read_json_object, "{", "gen_args") == "invalid_field"
+    assert error_code(common.read_json_object, 5, "gen_args") == "invalid_field"
+
+
+# -- scalars ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), "7", True, 1.5, [1]])
+def test_int_fields_refuse_non_integers(value):
+    assert error_code(common.read_int, {"n": value}, "n", 1, 0, 10) == "invalid_field"
+
+
+def test_int_fields_check_range_and_take_integral_floats():
+    assert common.read_int({"n": 3.0}, "n", 1, 0, 10) == 3
+    assert common.read_int({}, "n", 4, 0, 10) == 4
+    assert error_code(common.read_int, {"n": 11}, "n", 1, 0, 10) == "out_of_range"
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("-inf"), "1.0", False])
+def test_float_fields_refuse_nan_and_non_numbers(value):
+    assert error_code(common.read_float, {"g": value}, "g", 1.0, 0.0, 30.0) == "invalid_field"
+
+
+def test_text_fields_have_a_character_cap():
+    assert common.read_text({"p": "hi"}, "p", 5) == "hi"
+    assert error_code(common.read_text, {"p": "x" * 6}, "p", 5) == "too_long"
+    assert error_code(common.read_text, {}, "p", 5, required=True) == "missing_field"
+    assert error_code(common.read_text, {"p": 3}, "p", 5) == "invalid_field"
+
+
+# -- base64 ----------------------------------------------------------------------------------
+
+
+def test_base64_accepts_data_uri_and_line_breaks():
+    payload = bytes(range(200))
+    text = b64(payload)
+    assert common.decode_base64(text, "image") == payload
+    assert common.decode_base64("data:image/png;base64," + text, "image") == payload
+    wrapped = "\n".join(text[i : i + 76] for i in range(0, len(text), 76))
+    assert common.decode_base64(wrapped, "image") == payload
+
+
+@pytest.mark.parametrize("text", ["not base64!", "abc", "YWJj$ZA==", "", "   ", "Zm9v-_"])
+def test_base64_is_strict(text):
+    assert error_code(common.decode_base64, text, "image") == "invalid_base64"
+
+
+def test_base64_must_be_a_string():
+    assert error_code(common.decode_base64, 12, "image") == "invalid_field"
+
+
+# -- images ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("image_format", ["PNG", "JPEG", "WEBP"])
+def test_allowed_formats_decode_to_rgb(image_format):
+    image = common.decode_image(image_bytes(random_image(20, 10), image_format), "image")
+    assert image.mode == "RGB" and image.size == (20, 10)
+
+
+@pytest.mark.parametrize("image_format", ["BMP", "TIFF", "GIF"])
+def test_other_formats_are_refused(image_format):
+    data = image_bytes(
+        random_image(8, 8).convert("P" if image_format == "GIF" else "RGB"), image_format
+    )
+    assert error_code(common.decode_image, data, "image") == "invalid_image"
+
+
+def test_non_image_bytes_are_refused():
+    assert error_code(common.decode_image, b"hello, not an image", "image") == "invalid_image"
+
+
+def test_a_header_claiming_a_huge_size_is_refused_before_decoding():
+    data = png_claiming_size(100_000, 100_000)
+    assert len(data) < 100
+    assert error_code(common.decode_image, data, "image") == "image_too_large"
+
+
+def test_pixel_cap_is_configurable():
+    data = image_bytes(random_image(64, 64))
+    assert common.decode_image(data, "image", max_pixels=64 * 64).size == (64, 64)
+    assert error_code(common.decode_image, data, "image", max_pixels=64 * 63) == "image_too_large"
+
+
+def test_truncated_png_is_refused():
+    data = image_bytes(random_image(64, 64))
+    assert error_code(common.decode_image, data[: len(data) // 2], "image") == "invalid_image"
+
+
+def test_exif_orientation_is_applied():
+    image = random_image(40, 20)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise to display
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", exif=exif)
+    assert common.decode_image(buffer.getvalue(), "image").size == (20, 40)
+
+
+def test_alpha_and_grayscale_inputs_become_rgb():
+    rgba = Image.new("RGBA", (4, 4), (10, 20, 30, 0))
+    gray = Image.new("L", (4, 4), 7)
+    assert common.decode_image(image_bytes(rgba), "image").getpixel((0, 0)) == (10, 20, 30)
+    assert common.decode_image(image_bytes(gray), "image").getpixel((0, 0)) == (7, 7, 7)
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.binary(max_size=2048))
+def test_arbitrary_bytes_never_escape_as_anything_but_a_request_error(data):
+    try:
+        common.decode_image(data, "image")
+    except RequestError as error:
+        assert error.status == 400
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(min_value=0, max_value=400))
+def test_any_truncation_of_a_png_is_a_request_error_or_a_full_image(cut):
+    data = image_bytes(random_image(16, 16, seed=3))
+    try:
+        image = common.decode_image(data[:cut], "image")
+    except RequestError:
+        return
+    assert image.size == (16, 16)
+
+
+def test_mask_is_binarised_and_must_match_the_image_size():
+    mask = np.zeros((10, 20), dtype=np.uint8)
+    mask[2:4, 5:9] = 1  # any value > 0 counts
+    payload = {"mask_image": b64(Image.fromarray(mask))}
+    decoded = common.read_mask(payload, "mask_image", (20, 10))
+    assert decoded.dtype == bool and decoded.sum() == 8
+    assert error_code(common.read_mask, payload, "mask_image", (20, 11)) == "mask_size_mismatch"
+
+
+def test_encode_image_round_trips_losslessly_as_png():
+    image = random_image(9, 7)
+    encoded = common.encode_image(image, "PNG")
+    decoded = common.decode_image(common.decode_base64(encoded, "x"), "x")
+    assert np.array_equal(np.asarray(decoded), np.asarray(image))
+
+
+# -- masks -----------------------------------------------------------------------------------
+
+
+def reference_dilate(mask: np.ndarray, k: int) -> np.ndarray:
+    """cv2.dilate(mask, np.ones((k, k)), iterations=1) semantics, written out longhand."""
+    anchor = k // 2
+    height, width = mask.shape
+    out = np.zeros_like(mask)
+    for y, x in zip(*np.nonzero(mask), strict=True):
+        top, left = y - (k - 1 - anchor), x - (k - 1 - anchor)
+        out[max(top, 0) : min(top + k, height), max(left, 0) : min(left + k, width)] = True
+    return out
+
+
+@pytest.mark.parametrize("kernel_size", [2, 3, 4, 15])
+def test_dilation_matches_opencv_semantics(kernel_size):
+    rng = np.random.default_rng(kernel_size)
+    mask = rng.random((30, 41)) > 0.97
+    mask[0, 0] = mask[-1, -1] = True  # edges too
+    assert np.array_equal(
+        common.dilate_mask(mask, kernel_size), reference_dilate(mask, kernel_size)
+    )
+
+
+def test_dilation_by_zero_or_one_is_identity():
+    mask = np.random.default_rng(0).random((8, 8)) > 0.5
+    assert np.array_equal(common.dilate_mask(mask, 0), mask)
+    assert np.array_equal(common.dilate_mask(mask, 1), mask)
+
+
+def test_lru_cache_evicts_the_least_recently_used():
+    cache = common.LruCache(2)
+    cache.put("a", 1)
+    cache.put("b", 2)
+    assert cache.get("a") == 1  # a is now the most recent
+    cache.put("c", 3)
+    assert cache.get("b") is None and cache.get("a") == 1 and cache.get("c") == 3
+    assert len(cache) == 2
+    disabled = common.LruCache(0)
+    disabled.put("a", 1)
+    assert disabled.get("a") is None
+
+
+def test_error_status_is_never_413():
+    assert RequestError("too_big", "smaller please", status=413).status == 400
+
+
+def test_handler_settings_come_from_the_model_config(tmp_path):
+    class FakeContext:
+        system_properties = {"model_dir": str(tmp_path), "gpu_id": None}
+        model_yaml_config = {"handler": {"weights_dir": "weights", "max_points": 3}}
+
+    config = common.handler_context(FakeContext())
+    assert config.setting("max_points") == 3
+    assert config.device.type == "cpu"
+    assert config.path("weights_dir", "x") == tmp_path / "weights"
+    with pytest.raises(ValueError):
+        common.HandlerContext(tmp_path, {"weights_dir": "../elsewhere"}, config.device).path(
+            "weights_dir", "weights"
+        )
