@@ -1,0 +1,195 @@
+"""Segment Anything: a click (or a few) on an image -> an object mask.
+
+Request  {"image": b64, "gen_args": {"point_coords": [x, y] | [[x, y], ...],
+          "point_labels": 1 | [1, 0, ...], "dilate_kernel_size": 0, "mask_index": 0-2,
+          "multimask": false}}   (gen_args may also be a JSON string, as the AWS sample sends)
+Response {"generated_image": b64 PNG (0/255, one channel, input size), "scores": [3 floats],
+          "mask_index": k, "embedding_cache": "hit" | "miss", "masks": [3 x b64] if multimask}
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+import numpy as np
+
+from mmekit_common import (
+    EditHandler,
+    HandlerContext,
+    LruCache,
+    RequestError,
+    dilate_mask,
+    encode_image,
+    mask_to_image,
+    read_bool,
+    read_image,
+    read_int,
+    read_json_object,
+)
+from mmekit_models import load_sam
+
+
+class SamHandler(EditHandler):
+    # Request/result types live inside the class: TorchServe wants exactly one class per
+    # handler module.
+
+    @dataclass
+    class Request:
+        image: np.ndarray  # H x W x 3 uint8, RGB
+        point_coords: np.ndarray  # N x 2 float, (x, y) in input pixels
+        point_labels: np.ndarray  # N int, 1 foreground / 0 background
+        dilate_kernel_size: int
+        mask_index: int | None
+        multimask: bool
+
+    @dataclass
+    class Result:
+        masks: np.ndarray  # 3 x H x W bool
+        scores: list[float]
+        mask_index: int
+        cache_hit: bool
+        multimask: bool
+
+    @dataclass
+    class Embedding:
+        """What SamPredictor.set_image computes: all the decoder needs to answer more clicks."""
+
+        features: object
+        original_size: tuple[int, int]
+        input_size: tuple[int, int]
+
+    def load(self, config: HandlerContext) -> None:
+        from segment_anything import SamPredictor
+
+        sam, self.weights_info = load_sam(config.path("weights_dir", "weights"), config.device)
+        self.predictor = SamPredictor(sam)
+        self.embedding_cache = LruCache(config.setting("embedding_cache_size", 8))
+        self.max_points = int(config.setting("max_points", 16))
+        self.max_dilate_kernel_size = int(config.setting("max_dilate_kernel_size", 255))
+
+    # -- decode -----------------------------------------------------------------------------
+    def decode(self, payload: dict) -> SamHandler.Request:
+        image = read_image(payload, "image", self.max_image_pixels)
+        gen_args = read_json_object(payload.get("gen_args"), "gen_args")
+        if "point_coords" not in gen_args:
+            raise RequestError(
+                "missing_field", "gen_args needs 'point_coords': [x, y] or [[x, y], ...]"
+            )
+        point_coords = _read_points(gen_args["point_coords"], self.max_points)
+        point_labels = _read_labels(gen_args.get("point_labels", 1), len(point_coords))
+        mask_index = gen_args.get("mask_index")
+        return self.Request(
+            image=np.asarray(image),
+            point_coords=point_coords,
+            point_labels=point_labels,
+            dilate_kernel_size=read_int(
+                gen_args, "dilate_kernel_size", 0, 0, self.max_dilate_kernel_size
+            ),
+            mask_index=None if mask_index is None else read_int(gen_args, "mask_index", 0, 0, 2),
+            multimask=read_bool(gen_args, "multimask", False),
+        )
+
+    # -- validate ---------------------------------------------------------------------------
+    def validate(self, request: SamHandler.Request) -> None:
+        height, width = request.image.shape[:2]
+        if not np.isfinite(request.point_coords).all():
+            raise RequestError("invalid_point", "point_coords must be finite numbers")
+        xs, ys = request.point_coords[:, 0], request.point_coords[:, 1]
+        outside = (xs < 0) | (xs >= width) | (ys < 0) | (ys >= height)
+        if outside.any():
+            x, y = request.point_coords[int(np.argmax(outside))]
+            raise RequestError(
+                "point_out_of_bounds",
+                f"point ({x:g}, {y:g}) is outside the {width}x{height} image: "
+                f"x must be in [0, {width}) and y in [0, {height})",
+            )
+
+    # -- infer ------------------------------------------------------------------------------
+    def infer(self, request: SamHandler.Request) -> SamHandler.Result:
+        cache_hit = self._set_image(request.image)
+        masks, scores, _ = self.predictor.predict(
+            point_coords=request.point_coords,
+            point_labels=request.point_labels,
+            multimask_output=True,
+        )
+        index = request.mask_index if request.mask_index is not None else int(np.argmax(scores))
+        wanted = range(len(masks)) if request.multimask else [index]
+        masks = masks.copy()
+        for k in wanted:
+            masks[k] = dilate_mask(masks[k], request.dilate_kernel_size)
+        return self.Result(
+            masks=masks,
+            scores=[float(score) for score in scores],
+            mask_index=index,
+            cache_hit=cache_hit,
+            multimask=request.multimask,
+        )
+
+    def _set_image(self, image: np.ndarray) -> bool:
+        """Point the predictor at `image`, from the embedding cache when it has seen it."""
+        key = hashlib.sha256(
+            np.ascontiguousarray(image).tobytes() + repr(image.shape).encode()
+        ).hexdigest()
+        cached = self.embedding_cache.get(key)
+        if cached is not None:
+            self.predictor.features = cached.features
+            self.predictor.original_size = cached.original_size
+            self.predictor.input_size = cached.input_size
+            self.predictor.is_image_set = True
+            return True
+        self.predictor.set_image(image)
+        self.embedding_cache.put(
+            key,
+            self.Embedding(
+                self.predictor.features, self.predictor.original_size, self.predictor.input_size
+            ),
+        )
+        return False
+
+    # -- encode -----------------------------------------------------------------------------
+    def encode(self, result: SamHandler.Result) -> dict:
+        response = {
+            "generated_image": encode_image(mask_to_image(result.masks[result.mask_index])),
+            "scores": result.scores,
+            "mask_index": result.mask_index,
+            "embedding_cache": "hit" if result.cache_hit else "miss",
+        }
+        if result.multimask:
+            response["masks"] = [encode_image(mask_to_image(mask)) for mask in result.masks]
+        return response
+
+
+def _read_points(value: object, max_points: int) -> np.ndarray:
+    """[x, y] or [[x, y], ...] -> N x 2 float array (values checked in validate)."""
+    usage = "point_coords must be [x, y] or a list of [x, y] pairs"
+    if not isinstance(value, list) or not value:
+        raise RequestError("invalid_point", usage)
+    pairs = value if isinstance(value[0], list) else [value]
+    if len(pairs) > max_points:
+        raise RequestError(
+            "too_many_points", f"{len(pairs)} points given; the limit is {max_points}"
+        )
+    for pair in pairs:
+        if (
+            not isinstance(pair, list)
+            or len(pair) != 2
+            or any(isinstance(c, bool) or not isinstance(c, (int, float)) for c in pair)
+        ):
+            raise RequestError("invalid_point", usage)
+    return np.asarray(pairs, dtype=np.float64)
+
+
+def _read_labels(value: object, count: int) -> np.ndarray:
+    """point_labels: one int for every point, or a list with one per point; each 0 or 1."""
+    labels = value if isinstance(value, list) else [value] * count
+    if len(labels) != count:
+        raise RequestError(
+            "invalid_point_labels",
+            f"point_labels has {len(labels)} entries but point_coords has {count} points",
+        )
+    if any(label not in (0, 1) or isinstance(label, (bool, float)) for label in labels):
+        raise RequestError(
+            "invalid_point_labels", "point_labels must be 1 (foreground) or 0 (background)"
+        )
+    return np.asarray(labels, dtype=np.int64)

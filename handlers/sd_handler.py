@@ -1,0 +1,176 @@
+"""Stable Diffusion 2 inpainting: image + mask + prompt -> the masked object replaced.
+
+Request  {"image": b64, "mask_image": b64, "prompt": "a red vase", "negative_prompt": "...",
+          "gen_args": {"seed": 0-4294967295, "num_inference_steps": 1-100,
+                       "guidance_scale": 0-30},   (object or JSON string, all optional)
+          "dilate_kernel_size": 0, "format": "png" | "jpeg" | "webp"}
+Response {"generated_image": b64, "seed": n} — the input size; pixels outside the mask are
+unchanged. Like the AWS sample, only a window around the mask goes through the model.
+"""
+
+from __future__ import annotations
+
+import math
+import secrets
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from PIL import Image
+
+from mmekit_common import (
+    EditHandler,
+    HandlerContext,
+    InpaintInputs,
+    RequestError,
+    composite,
+    encode_image,
+    read_float,
+    read_inpaint_inputs,
+    read_int,
+    read_json_object,
+    read_text,
+)
+from mmekit_models import load_sd
+
+MAX_SEED = 2**32 - 1
+
+
+class SdHandler(EditHandler):
+    # Request/result types live inside the class: TorchServe wants one class per handler module.
+
+    @dataclass
+    class Request:
+        inputs: InpaintInputs
+        prompt: str
+        negative_prompt: str
+        seed: int
+        num_inference_steps: int
+        guidance_scale: float
+
+    @dataclass
+    class Result:
+        image: Image.Image
+        seed: int
+        response_format: str
+
+    def load(self, config: HandlerContext) -> None:
+        self.device = config.device
+        # fp16 halves memory and time on a GPU; CPUs run fp32
+        dtype = torch.float32
+        if config.device.type == "cuda":
+            dtype = getattr(torch, str(config.setting("cuda_dtype", "float16")))
+        self.pipeline, self.weights_info = load_sd(
+            config.path("weights_dir", "weights"), config.device, dtype
+        )
+        self.window_size = int(config.setting("window_size", 512))
+        self.context_margin = float(config.setting("context_margin", 0.1))
+        self.default_steps = int(config.setting("default_num_inference_steps", 30))
+        self.max_steps = int(config.setting("max_num_inference_steps", 100))
+        self.default_guidance = float(config.setting("default_guidance_scale", 7.5))
+        self.max_guidance = float(config.setting("max_guidance_scale", 30.0))
+        self.max_prompt_chars = int(config.setting("max_prompt_chars", 2000))
+        self.max_dilate_kernel_size = int(config.setting("max_dilate_kernel_size", 255))
+
+    # -- decode -----------------------------------------------------------------------------
+    def decode(self, payload: dict) -> SdHandler.Request:
+        inputs = read_inpaint_inputs(payload, self.max_image_pixels, self.max_dilate_kernel_size)
+        gen_args = read_json_object(payload.get("gen_args"), "gen_args")
+        seed = gen_args.get("seed")
+        return self.Request(
+            inputs=inputs,
+            prompt=read_text(payload, "prompt", self.max_prompt_chars, required=True),
+            negative_prompt=read_text(payload, "negative_prompt", self.max_prompt_chars),
+            seed=secrets.randbits(32)
+            if seed is None
+            else read_int(gen_args, "seed", 0, 0, MAX_SEED),
+            num_inference_steps=read_int(
+                gen_args, "num_inference_steps", self.default_steps, 1, self.max_steps
+            ),
+            guidance_scale=read_float(
+                gen_args, "guidance_scale", self.default_guidance, 0.0, self.max_guidance
+            ),
+        )
+
+    # -- validate ---------------------------------------------------------------------------
+    def validate(self, request: SdHandler.Request) -> None:
+        """Prompts must fit CLIP's context: refused, never silently truncated."""
+        tokenizer = self.pipeline.tokenizer
+        limit = tokenizer.model_max_length
+        for field, text in (
+            ("prompt", request.prompt),
+            ("negative_prompt", request.negative_prompt),
+        ):
+            count = len(tokenizer(text, truncation=False).input_ids)
+            if count > limit:
+                raise RequestError(
+                    "prompt_too_long",
+                    f"'{field}' is {count} tokens; the limit is {limit} (including the start "
+                    "and end tokens): shorten it",
+                )
+
+    # -- infer ------------------------------------------------------------------------------
+    def infer(self, request: SdHandler.Request) -> SdHandler.Result:
+        inputs = request.inputs
+        original = np.asarray(inputs.image)
+        if not inputs.mask.any():  # nothing to replace
+            return self.Result(inputs.image, request.seed, inputs.response_format)
+        left, top, right, bottom = self.window_box(inputs.mask)
+        window = inputs.image.crop((left, top, right, bottom))
+        window_mask = Image.fromarray(inputs.mask[top:bottom, left:right].astype(np.uint8) * 255)
+        model_size = self.model_size(window.size)
+        generator = torch.Generator(device=self.device).manual_seed(request.seed)
+        generated = self.pipeline(
+            prompt=request.prompt,
+            negative_prompt=request.negative_prompt or None,
+            image=window.resize(model_size, Image.Resampling.LANCZOS),
+            mask_image=window_mask.resize(model_size, Image.Resampling.NEAREST),
+            height=model_size[1],
+            width=model_size[0],
+            num_inference_steps=request.num_inference_steps,
+            guidance_scale=request.guidance_scale,
+            generator=generator,
+        ).images[0]
+        generated = generated.convert("RGB").resize(window.size, Image.Resampling.LANCZOS)
+        result = original.copy()
+        result[top:bottom, left:right] = composite(
+            original[top:bottom, left:right],
+            np.asarray(generated),
+            inputs.mask[top:bottom, left:right],
+        )
+        return self.Result(Image.fromarray(result), request.seed, inputs.response_format)
+
+    def window_box(self, mask: np.ndarray) -> tuple[int, int, int, int]:
+        """The region around the mask that goes through the model: at least window_size wide
+        (clipped to the image), larger when the mask's box plus margin is larger, and always
+        containing the whole mask."""
+        height, width = mask.shape
+        rows = np.flatnonzero(mask.any(axis=1))
+        cols = np.flatnonzero(mask.any(axis=0))
+        y0, y1, x0, x1 = rows[0], rows[-1] + 1, cols[0], cols[-1] + 1
+        side = max(
+            self.window_size, math.ceil(max(x1 - x0, y1 - y0) * (1 + 2 * self.context_margin))
+        )
+        box_width, box_height = min(side, width), min(side, height)
+        left = _place(x0, x1, box_width, width)
+        top = _place(y0, y1, box_height, height)
+        return left, top, left + box_width, top + box_height
+
+    def model_size(self, size: tuple[int, int]) -> tuple[int, int]:
+        """Scale a window so its longer side is window_size, both sides multiples of 8 (the
+        VAE's downscale), so small and large windows alike run at the model's native size."""
+        scale = self.window_size / max(size)
+        return tuple(max(8, round(side * scale / 8) * 8) for side in size)
+
+    # -- encode -----------------------------------------------------------------------------
+    def encode(self, result: SdHandler.Result) -> dict:
+        return {
+            "generated_image": encode_image(result.image, result.response_format),
+            "seed": result.seed,
+        }
+
+
+def _place(start: int, stop: int, length: int, limit: int) -> int:
+    """Offset of a span of `length` centred on [start, stop), inside [0, limit), covering it."""
+    centred = (start + stop - length) // 2
+    return int(min(max(centred, stop - length, 0), start, limit - length))
