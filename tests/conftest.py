@@ -41,13 +41,15 @@ def tiny_weights(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], Pa
 def serve(
     tiny_weights: Callable[[str], Path], tmp_path_factory: pytest.TempPathFactory
 ) -> Callable[..., ServedModel]:
-    """serve("sam", batch_size=1, **handler_settings) -> a freshly loaded ServedModel."""
+    """serve("sam", batch_size=1, gpu_id=None, **handler_settings) -> a fresh ServedModel."""
 
-    def _serve(model: str, batch_size: int = 1, **settings: object) -> ServedModel:
+    def _serve(
+        model: str, batch_size: int = 1, gpu_id: int | None = None, **settings: object
+    ) -> ServedModel:
         folder = make_model_dir(
             tmp_path_factory.mktemp(f"{model}-model"), model, tiny_weights(model), settings
         )
-        return ServedModel(folder, batch_size)
+        return ServedModel(folder, batch_size, gpu_id)
 
     return _serve
 

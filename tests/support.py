@@ -139,7 +139,7 @@ def make_model_dir(
 class ServedModel:
     """A handler loaded by TorchServe's model loader, called through its Service."""
 
-    def __init__(self, model_dir: Path, batch_size: int = 1) -> None:
+    def __init__(self, model_dir: Path, batch_size: int = 1, gpu_id: int | None = None) -> None:
         import ts
         from ts.metrics.metric_cache_yaml_impl import MetricsCacheYamlImpl
         from ts.model_loader import TsModelLoader
@@ -151,7 +151,7 @@ class ServedModel:
             manifest["model"]["modelName"],
             str(model_dir),
             manifest["model"]["handler"],
-            None,  # gpu_id: CPU
+            gpu_id,  # None: CPU, as TorchServe passes on a host without GPUs
             batch_size,
             metrics_cache=metrics,
         )
