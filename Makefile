@@ -6,7 +6,7 @@ VENV_PY := .venv/bin/python
 SETUP := $(PYTHON) -m scripts.bootstrap
 
 .DEFAULT_GOAL := help
-.PHONY: help setup weights fetch-weights test test-handlers test-slow lint
+.PHONY: help setup weights fetch-weights archive serve-local stop token test test-handlers test-slow lint
 
 help: ## list the targets
 	@$(PYTHON) -m scripts.make_help Makefile
@@ -20,11 +20,23 @@ weights: ## build the tiny random weights into weights/tiny (seconds, offline)
 fetch-weights: ## download the real checkpoints into weights/full (SHA-256 pinned; SAM_VARIANT=vit_h)
 	@$(SETUP) && $(VENV_PY) -m scripts.weights fetch --sam-variant $(or $(SAM_VARIANT),vit_h)
 
+archive: ## build model_store/<model>.tar.gz + manifest.json, reproducibly (TIER=auto|tiny|full)
+	@$(SETUP) && $(VENV_PY) -m scripts.archive --tier $(or $(TIER),auto)
+
+serve-local: ## set up, archive and serve all three models on 127.0.0.1 (DETACH=1: background)
+	@$(SETUP) && $(VENV_PY) -m scripts.serve start
+
+stop: ## stop a server started with DETACH=1
+	@$(SETUP) && $(VENV_PY) -m scripts.serve stop
+
+token: ## print the inference token of the running local server (for curl)
+	@$(SETUP) && $(VENV_PY) -m scripts.serve token
+
 test: ## set up everything and run all fast tests (the command CI runs)
 	@$(SETUP) && $(VENV_PY) -m pytest
 
-test-handlers: ## set up and run the handler tests only
-	@$(SETUP) && $(VENV_PY) -m pytest tests/handlers
+test-handlers: ## the handler tests: in-process, and over HTTP against a real TorchServe
+	@$(SETUP) && $(VENV_PY) -m pytest tests/handlers tests/serving
 
 test-slow: ## the slow tests too (full-size random models)
 	@$(SETUP) && $(VENV_PY) -m pytest --run-slow

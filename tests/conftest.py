@@ -16,6 +16,14 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption("--run-slow", action="store_true", help="also run tests marked slow")
 
 
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo) -> object:
+    """Keep each phase's report on the test, so fixtures can tell a failure from a pass."""
+    report = yield
+    setattr(item, f"report_{report.when}", report)
+    return report
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     skip_slow = pytest.mark.skip(reason="slow: run with --run-slow (make test-slow)")
     skip_gpu = pytest.mark.skip(reason="needs a CUDA device")
@@ -27,12 +35,17 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 
 @pytest.fixture(scope="session")
-def tiny_weights(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], Path]:
+def weights_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A weights/ folder for the session (tiers get built into it on demand)."""
+    return tmp_path_factory.mktemp("weights")
+
+
+@pytest.fixture(scope="session")
+def tiny_weights(weights_root: Path) -> Callable[[str], Path]:
     """tiny_weights("sam") -> weights/tiny/sam, built on first use by `make weights`'s tool."""
-    root = tmp_path_factory.mktemp("weights")
 
     def _weights(model: str) -> Path:
-        return build_tier("tiny", root=root, models=(model,))[0]
+        return build_tier("tiny", root=weights_root, models=(model,))[0]
 
     return _weights
 

@@ -1,0 +1,350 @@
+"""Serve the three models on this machine: `make serve-local`.
+
+Set-up is done by the Make target; this tool picks the weights (full when fetched, otherwise
+tiny with a loud banner), builds the archives, renders a config profile and starts TorchServe
+with the very tarballs that get promoted. It waits until every model answers a real inference,
+then prints curl lines that work as printed.
+
+    python -m scripts.serve start [--detach] [--tier auto|tiny|full] [--profile local]
+    python -m scripts.serve stop
+    python -m scripts.serve token [--management]
+
+Ports come from the environment: INFERENCE_PORT (8080), MANAGEMENT_PORT (8081),
+METRICS_PORT (8082), GRPC_INFERENCE_PORT (7070), GRPC_MANAGEMENT_PORT (7071).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import socket
+import string
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import IO
+
+import requests
+
+from scripts import PROJECT_ROOT
+from scripts.archive import DEFAULT_STORE, archive_models
+from scripts.examples import write_requests
+from scripts.weights import DEFAULT_ROOT, MODELS
+
+RUN_DIR = PROJECT_ROOT / ".mmekit"  # TorchServe's working folder: key_file.json, logs/, pid
+PROFILES = {"local": "local.properties", "sagemaker": "sagemaker.properties"}
+
+
+class ServeError(Exception):
+    """Something the user has to fix; printed as one line."""
+
+
+@dataclass(frozen=True)
+class Ports:
+    inference: int = 8080
+    management: int = 8081
+    metrics: int = 8082
+    grpc_inference: int = 7070
+    grpc_management: int = 7071
+
+    @classmethod
+    def from_env(cls, environ: dict | None = None) -> Ports:
+        environ = os.environ if environ is None else environ
+        values = {}
+        for field, default in asdict(cls()).items():
+            name = f"{field.upper()}_PORT"
+            text = environ.get(name, str(default))
+            if not text.isdigit() or not 0 < int(text) < 65536:
+                raise ServeError(f"{name}={text!r} is not a port number")
+            values[field] = int(text)
+        return cls(**values)
+
+
+def render_profile(profile: str, ports: Ports, model_store: Path) -> str:
+    template = string.Template((PROJECT_ROOT / "configs" / PROFILES[profile]).read_text())
+    return template.substitute(
+        inference_port=ports.inference,
+        management_port=ports.management,
+        metrics_port=ports.metrics,
+        grpc_inference_port=ports.grpc_inference,
+        grpc_management_port=ports.grpc_management,
+        model_store=str(model_store),
+    )
+
+
+def check_ports_free(ports: Ports, profile: str) -> None:
+    used = asdict(ports)
+    if profile == "sagemaker":
+        used.pop("management")  # one port for both APIs, as on SageMaker
+    for name, port in used.items():
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+            try:
+                probe.bind(("127.0.0.1", port))
+            except OSError:
+                raise ServeError(
+                    f"port {port} ({name.replace('_', ' ')}) is already in use on 127.0.0.1: "
+                    f"stop what holds it (`make stop` if it is mmekit) or set "
+                    f"{name.upper()}_PORT=<another port>"
+                ) from None
+
+
+def read_token(run_dir: Path = RUN_DIR, api: str = "inference") -> str:
+    key_file = run_dir / "key_file.json"
+    if not key_file.is_file():
+        raise ServeError(f"no {key_file}: start the server with `make serve-local` first")
+    return json.loads(key_file.read_text())[api]["key"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Runtimes: how TorchServe is started. `native` is the only one on a machine without a
+# container engine; a compose runtime slots in beside it with the same three methods.
+
+
+@dataclass
+class NativeRuntime:
+    """TorchServe from the venv, with Java 17, as a child of this process."""
+
+    run_dir: Path
+    model_store: Path
+
+    name = "native"
+
+    def environment(self) -> dict[str, str]:
+        # A private temp dir: TorchServe keeps its pid file there, so two instances (tests,
+        # a dev server) never mistake each other for "already running".
+        tmp = self.run_dir / "tmp"
+        tmp.mkdir(parents=True, exist_ok=True)
+        venv_bin = str(Path(sys.executable).parent)
+        return {
+            **os.environ,
+            "TMPDIR": str(tmp),
+            "TEMP": str(tmp),
+            "PATH": venv_bin + os.pathsep + os.environ.get("PATH", ""),
+        }
+
+    def command(self, config: Path, models: list[str], foreground: bool) -> list[str]:
+        torchserve = str(Path(sys.executable).with_name("torchserve"))
+        command = [
+            torchserve,
+            "--start",
+            "--ncs",
+            "--model-store",
+            str(self.model_store),
+            "--ts-config",
+            str(config),
+        ]
+        if models:  # none: models get registered later, as SageMaker does
+            command += ["--models", *[f"{model}={model}.tar.gz" for model in models]]
+        return command + (["--foreground"] if foreground else [])
+
+    def start(
+        self, config: Path, models: list[str], foreground: bool, log: IO[bytes] | None = None
+    ) -> subprocess.Popen:
+        """Start TorchServe; its output goes to the terminal, or to `log` when given."""
+        return subprocess.Popen(
+            self.command(config, models, foreground),
+            cwd=self.run_dir,  # key_file.json and logs/ land here
+            env=self.environment(),
+            stdout=log,
+            stderr=subprocess.STDOUT if log else None,
+            start_new_session=True,  # Ctrl-C is handled here, then passed on cleanly
+        )
+
+    def stop(self) -> bool:
+        torchserve = str(Path(sys.executable).with_name("torchserve"))
+        result = subprocess.run(
+            [torchserve, "--stop"],
+            cwd=self.run_dir,
+            env=self.environment(),
+            capture_output=True,
+            text=True,
+        )
+        return "stopped" in (result.stdout + result.stderr).lower()
+
+
+RUNTIMES = {"native": NativeRuntime}
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def prepare_archives(tier: str, weights_root: Path, store: Path) -> dict[str, dict]:
+    entries = archive_models(MODELS, tier, store, weights_root)
+    if any(entry["tier"] in ("tiny", "synthetic") for entry in entries.values()):
+        print(tiny_banner(entries), flush=True)
+    return entries
+
+
+def tiny_banner(entries: dict[str, dict]) -> str:
+    which = ", ".join(f"{model}={entry['tier']}" for model, entry in entries.items())
+    rule = "=" * 78
+    return "\n".join(
+        [
+            rule,
+            f"  RANDOM WEIGHTS ({which})",
+            "  Outputs are meaningless noise: the code paths are real, the models are not.",
+            "  For real results: `make fetch-weights` (about 4.9 GB, SHA-256 pinned),",
+            "  then `make serve-local` again.",
+            rule,
+        ]
+    )
+
+
+def wait_until_ready(
+    base_url: str,
+    token: str | None,
+    examples: dict[str, Path],
+    process: subprocess.Popen,
+    timeout: float = 600.0,
+) -> None:
+    """Ready means every model answered a real inference (not /ping, which stays 200 while a
+    worker crash-loops)."""
+    headers = {"Content-Type": "application/json"}
+    if token:
+        headers["Authorization"] = f"Bearer {token}"
+    pending = dict(examples)
+    deadline = time.monotonic() + timeout
+    while pending:
+        if process.poll() is not None and process.returncode != 0:
+            raise ServeError(f"TorchServe exited with status {process.returncode}; see its log")
+        if time.monotonic() > deadline:
+            raise ServeError(f"models not ready after {timeout:.0f} s: {', '.join(pending)}")
+        for model, path in list(pending.items()):
+            try:
+                reply = requests.post(
+                    f"{base_url}/predictions/{model}",
+                    data=path.read_bytes(),
+                    headers=headers,
+                    timeout=300,
+                )
+            except requests.RequestException:
+                continue
+            if reply.status_code == 200:
+                print(f"[serve] {model} is ready", flush=True)
+                del pending[model]
+        time.sleep(1)
+
+
+def curl_lines(ports: Ports, requests_dir: Path) -> str:
+    relative = os.path.relpath(requests_dir, PROJECT_ROOT)
+    url = f"http://127.0.0.1:{ports.inference}/predictions"
+    auth = '-H "Authorization: Bearer $(make -s token)"'
+    outputs = {"sam": "mask.png", "lama": "erased.png", "sd": "replaced.png"}
+    lines = ["", "Try it (from the project folder):"]
+    for model, output in outputs.items():
+        lines.append(
+            f"  curl -s {url}/{model} {auth} -H 'Content-Type: application/json' "
+            f"--data-binary @{relative}/{model}.json | python3 -m scripts.save_image {output}"
+        )
+    lines.append("Stop with Ctrl-C (or `make stop` when started with DETACH=1).")
+    return "\n".join(lines)
+
+
+def wait_for_token(run_dir: Path, process: subprocess.Popen, timeout: float = 60.0) -> str:
+    """The inference key, once TorchServe has finished writing key_file.json."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return read_token(run_dir)
+        except (ServeError, json.JSONDecodeError, KeyError):
+            pass  # not written yet, or half written
+        if process.poll() not in (None, 0) or time.monotonic() > deadline:
+            raise ServeError("TorchServe did not start (no key_file.json); see its log above")
+        time.sleep(0.2)
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt  # SIGTERM/SIGHUP: shut TorchServe down the same way as Ctrl-C
+
+
+def shut_down(runtime: NativeRuntime, process: subprocess.Popen) -> None:
+    runtime.stop()
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+
+
+def start(args: argparse.Namespace) -> int:
+    ports = Ports.from_env()
+    check_ports_free(ports, args.profile)
+    store = args.store.resolve()
+    prepare_archives(args.tier, args.weights, store)
+    run_dir = args.run_dir
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "key_file.json").unlink(missing_ok=True)  # a fresh server writes fresh keys
+    config = run_dir / "config.properties"
+    config.write_text(render_profile(args.profile, ports, store))
+    examples = write_requests(run_dir / "requests")
+    probes = write_requests(run_dir / "readiness", sd_steps=1)
+    runtime = RUNTIMES[args.runtime](run_dir, store)
+    for signum in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, _interrupt)
+    process = runtime.start(config, list(MODELS), foreground=not args.detach)
+    keep_running = False
+    try:
+        token = wait_for_token(run_dir, process) if args.profile == "local" else None
+        wait_until_ready(f"http://127.0.0.1:{ports.inference}", token, probes, process)
+        print(curl_lines(ports, examples["sam"].parent), flush=True)
+        if args.detach:
+            keep_running = True
+            return 0
+        return process.wait()
+    except KeyboardInterrupt:
+        print("\n[serve] stopping", flush=True)
+        return 0
+    finally:
+        if not keep_running:
+            shut_down(runtime, process)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m scripts.serve",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--run-dir", type=Path, default=RUN_DIR, help=argparse.SUPPRESS)
+    commands = parser.add_subparsers(dest="command", required=True)
+    start_parser = commands.add_parser("start", help="archive and serve all three models")
+    start_parser.add_argument("--runtime", choices=sorted(RUNTIMES), default="native")
+    start_parser.add_argument("--profile", choices=sorted(PROFILES), default="local")
+    start_parser.add_argument(
+        "--tier",
+        choices=("auto", "tiny", "synthetic", "full"),
+        default=os.environ.get("TIER") or "auto",
+    )
+    start_parser.add_argument(
+        "--detach",
+        action="store_true",
+        default=os.environ.get("DETACH", "") not in ("", "0"),
+        help="return once ready (DETACH=1)",
+    )
+    start_parser.add_argument("--store", type=Path, default=DEFAULT_STORE)
+    start_parser.add_argument("--weights", type=Path, default=DEFAULT_ROOT)
+    commands.add_parser("stop", help="stop a server started with --detach")
+    token_parser = commands.add_parser("token", help="print the inference token")
+    token_parser.add_argument("--management", action="store_true")
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "start":
+            return start(args)
+        if args.command == "stop":
+            stopped = NativeRuntime(args.run_dir, DEFAULT_STORE).stop()
+            print("stopped" if stopped else "no mmekit server was running")
+            return 0
+        print(read_token(args.run_dir, "management" if args.management else "inference"))
+        return 0
+    except ServeError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,175 @@
+"""Real TorchServe servers on free loopback ports, serving the tiny tarballs.
+
+Started with the same runner `make serve-local` uses (scripts/serve.py), ready only once every
+model has answered a real inference, torn down at the end; a failing test prints the server log.
+"""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import tarfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+import requests
+
+from scripts.archive import archive_models
+from scripts.examples import write_requests
+from scripts.serve import (
+    NativeRuntime,
+    Ports,
+    read_token,
+    render_profile,
+    shut_down,
+    wait_for_token,
+    wait_until_ready,
+)
+from scripts.weights import MODELS
+
+READY_TIMEOUT_S = 240
+
+
+def free_ports(count: int) -> list[int]:
+    sockets = []
+    try:
+        for _ in range(count):
+            probe = socket.socket()
+            probe.bind(("127.0.0.1", 0))
+            sockets.append(probe)
+        return [probe.getsockname()[1] for probe in sockets]
+    finally:
+        for probe in sockets:
+            probe.close()
+
+
+@dataclass
+class Server:
+    profile: str
+    ports: Ports
+    run_dir: Path
+    store: Path
+    process: subprocess.Popen
+    runtime: NativeRuntime
+    log_path: Path
+    token: str | None = None
+    management_token: str | None = None
+    session: requests.Session = field(default_factory=requests.Session)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.ports.inference}"
+
+    @property
+    def management_url(self) -> str:
+        return f"http://127.0.0.1:{self.ports.management}"
+
+    def headers(self, token: str | None) -> dict[str, str]:
+        headers = {"Content-Type": "application/json"}
+        if token:
+            headers["Authorization"] = f"Bearer {token}"
+        return headers
+
+    def predict(self, model: str, body: bytes | str, token: str | None = "default"):
+        token = self.token if token == "default" else token
+        return self.session.post(
+            f"{self.url}/predictions/{model}", data=body, headers=self.headers(token), timeout=120
+        )
+
+    def log_tail(self, lines: int = 80) -> str:
+        text = self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+        return "\n".join(text.splitlines()[-lines:])
+
+    def stop(self) -> None:
+        self.session.close()
+        shut_down(self.runtime, self.process)
+
+
+def start_server(run_dir: Path, store: Path, profile: str, models: list[str]) -> Server:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    ports = Ports(*free_ports(5))
+    config = run_dir / "config.properties"
+    config.write_text(render_profile(profile, ports, store))
+    runtime = NativeRuntime(run_dir, store)
+    log_path = run_dir / "server.log"
+    with open(log_path, "wb") as log:
+        process = runtime.start(config, models, foreground=True, log=log)
+    server = Server(profile, ports, run_dir, store, process, runtime, log_path)
+    try:
+        if profile == "local":
+            server.token = wait_for_token(run_dir, process)
+            server.management_token = read_token(run_dir, "management")
+        if models:
+            probes = write_requests(run_dir / "readiness", sd_steps=1)
+            probes = {model: path for model, path in probes.items() if model in models}
+            wait_until_ready(server.url, server.token, probes, process, READY_TIMEOUT_S)
+        else:
+            wait_for_ping(server)
+    except BaseException:
+        print(f"--- {profile} server log ---\n{server.log_tail(200)}")
+        server.stop()
+        raise
+    return server
+
+
+def wait_for_ping(server: Server) -> None:
+    deadline = time.monotonic() + READY_TIMEOUT_S
+    while time.monotonic() < deadline:
+        assert server.process.poll() is None, "TorchServe exited at start"
+        try:
+            if requests.get(f"{server.url}/ping", timeout=2).status_code == 200:
+                return
+        except requests.RequestException:
+            pass
+        time.sleep(0.5)
+    raise AssertionError("TorchServe did not answer /ping")
+
+
+@pytest.fixture(scope="session")
+def tiny_store(tmp_path_factory: pytest.TempPathFactory, weights_root: Path) -> Path:
+    """model_store/ with the three tiny tarballs and manifest.json, as `make archive` builds."""
+    store = tmp_path_factory.mktemp("model_store")
+    archive_models(MODELS, "tiny", store, weights_root)
+    return store
+
+
+@pytest.fixture(autouse=True)
+def print_server_logs_on_failure(request: pytest.FixtureRequest) -> Iterator[None]:
+    yield
+    report = getattr(request.node, "report_call", None)
+    if report is not None and report.failed:
+        for name in ("local_server", "sagemaker_server"):
+            if name in request.fixturenames:
+                server = request.getfixturevalue(name)
+                print(f"--- {name} log (tail) ---\n{server.log_tail()}")
+
+
+@pytest.fixture(scope="session")
+def local_server(tiny_store: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """The `local` profile serving the three tiny tarballs, as `make serve-local` runs it."""
+    server = start_server(tmp_path_factory.mktemp("local-run"), tiny_store, "local", list(MODELS))
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def sagemaker_server(
+    tiny_store: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Server]:
+    """The `sagemaker` profile, no model at start; SageMaker's model root as its store."""
+    model_root = tmp_path_factory.mktemp("opt-ml-models")
+    server = start_server(tmp_path_factory.mktemp("sagemaker-run"), model_root, "sagemaker", [])
+    yield server
+    server.stop()
+
+
+def extract_like_sagemaker(tarball: Path, model_root: Path, name: str) -> Path:
+    """SageMaker extracts each model's tarball to /opt/ml/models/<hash>/model."""
+    target = model_root / name / "model"
+    target.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(tarball) as archive:
+        archive.extractall(target, filter="data")
+    return target
