@@ -33,7 +33,7 @@ class LamaHandler(EditHandler):
         self.max_dilate_kernel_size = int(config.setting("max_dilate_kernel_size", 255))
 
     def decode(self, payload: dict) -> InpaintInputs:
-        return read_inpaint_inputs(payload, self.max_image_pixels, self.max_dilate_kernel_size)
+        return read_inpaint_inputs(payload, self.image_limits, self.max_dilate_kernel_size)
 
     def infer(self, request: InpaintInputs) -> InpaintInputs:
         original = np.asarray(request.image)
@@ -50,8 +50,8 @@ class LamaHandler(EditHandler):
         mask_tensor = torch.tensor(mask, device=self.device)[None, None].float()
         # LaMa sees the image with the hole blanked out, and the hole itself as a 4th channel.
         network_input = torch.cat([image_tensor * (1 - mask_tensor), mask_tensor], dim=1)
-        pad_bottom = -height % self.pad_multiple
-        pad_right = -width % self.pad_multiple
+        pad_bottom = padded_side(height, self.pad_multiple) - height
+        pad_right = padded_side(width, self.pad_multiple) - width
         network_input = torch.nn.functional.pad(
             network_input, (0, pad_right, 0, pad_bottom), mode="replicate"
         )
@@ -61,3 +61,9 @@ class LamaHandler(EditHandler):
 
     def encode(self, result: InpaintInputs) -> dict:
         return {"generated_image": encode_image(result.image, result.response_format)}
+
+
+def padded_side(side: int, multiple: int) -> int:
+    """The next multiple, and at least two of them: the bottleneck's reflection padding needs
+    two pixels, so an 8 px image would fail at 1 px there."""
+    return max(-(-side // multiple) * multiple, 2 * multiple)

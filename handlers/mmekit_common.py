@@ -22,6 +22,7 @@ import re
 from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass
+from http import HTTPStatus
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +36,11 @@ logger = logging.getLogger(__name__)
 ALLOWED_IMAGE_FORMATS = ("PNG", "JPEG", "WEBP")
 RESPONSE_FORMATS = {"png": "PNG", "jpeg": "JPEG", "jpg": "JPEG", "webp": "WEBP"}
 DEFAULT_MAX_IMAGE_PIXELS = 4096 * 4096
+# Wider than this, models that resize the longest side (SAM to 1024 px) lose the short side.
+DEFAULT_MAX_ASPECT_RATIO = 20.0
+# SageMaker's InvokeEndpoint response limit (and TorchServe's max_response_size in our
+# profiles), less room for TorchServe's framing; a larger response would crash the worker.
+DEFAULT_MAX_RESPONSE_BYTES = 6_291_456 - 1024
 _DATA_URI = re.compile(r"^data:[\w.+/-]*(;[\w.+=-]+)*;base64,", re.IGNORECASE)
 _WHITESPACE = re.compile(r"\s+")
 
@@ -87,6 +93,10 @@ def read_payload(row: Any) -> dict:
                 f"the request body is not valid JSON ({error.msg} at "
                 f"position {error.pos}): send a JSON object",
             ) from None
+        except (ValueError, RecursionError):  # a number too long, nesting too deep
+            raise RequestError(
+                "invalid_json", "the request body nests too deeply or holds a number too long"
+            ) from None
     if not isinstance(body, dict):
         raise RequestError(
             "invalid_request",
@@ -108,7 +118,7 @@ def read_json_object(value: Any, field: str) -> dict:
     if isinstance(value, (str, bytes, bytearray)):
         try:
             value = json.loads(value)
-        except (json.JSONDecodeError, UnicodeDecodeError):
+        except (ValueError, RecursionError):  # JSONDecodeError and UnicodeDecodeError included
             raise RequestError(
                 "invalid_field", f"'{field}' must be a JSON object or a string holding one"
             ) from None
@@ -142,7 +152,10 @@ def read_float(options: Mapping, name: str, default: float, low: float, high: fl
         return default
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise RequestError("invalid_field", f"'{name}' must be a number from {low} to {high}")
-    value = float(value)
+    try:
+        value = float(value)
+    except OverflowError:  # an integer beyond float range
+        value = math.inf
     if not math.isfinite(value):
         raise RequestError("invalid_field", f"'{name}' must be a finite number")
     if not low <= value <= high:
@@ -200,28 +213,49 @@ def decode_base64(value: Any, field: str) -> bytes:
         ) from None
 
 
+@dataclass(frozen=True)
+class ImageLimits:
+    """What an input image may be; from the model config's handler section."""
+
+    max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
+    max_aspect_ratio: float = DEFAULT_MAX_ASPECT_RATIO
+
+    @classmethod
+    def from_settings(cls, settings: Mapping) -> ImageLimits:
+        return cls(
+            int(settings.get("max_image_pixels", DEFAULT_MAX_IMAGE_PIXELS)),
+            float(settings.get("max_aspect_ratio", DEFAULT_MAX_ASPECT_RATIO)),
+        )
+
+
 def decode_image(
-    data: bytes, field: str, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS, mode: str = "RGB"
+    data: bytes, field: str, limits: ImageLimits = ImageLimits(), mode: str = "RGB"
 ) -> Image.Image:
     """Bytes -> a fully loaded Pillow image in `mode`, EXIF orientation applied.
 
-    The pixel cap is checked on the header, before any pixel is decoded, so a tiny file that
+    The limits are checked on the header, before any pixel is decoded, so a tiny file that
     claims a huge size costs nothing.
     """
     try:
         image = Image.open(io.BytesIO(data), formats=ALLOWED_IMAGE_FORMATS)
     except Image.DecompressionBombError:
         raise RequestError(
-            "image_too_large", f"'{field}' has too many pixels; the limit is {max_pixels}"
+            "image_too_large", f"'{field}' has too many pixels; the limit is {limits.max_pixels}"
         ) from None
     except (UnidentifiedImageError, OSError, ValueError):
         raise RequestError("invalid_image", f"'{field}' is not a PNG, JPEG or WebP image") from None
     width, height = image.size
-    if width < 1 or height < 1 or width * height > max_pixels:
+    if width < 1 or height < 1 or width * height > limits.max_pixels:
         raise RequestError(
             "image_too_large",
             f"'{field}' is {width}x{height} ({width * height} pixels); the limit is "
-            f"{max_pixels} pixels: downscale it first",
+            f"{limits.max_pixels} pixels: downscale it first",
+        )
+    if max(width, height) > limits.max_aspect_ratio * min(width, height):
+        raise RequestError(
+            "image_aspect_ratio",
+            f"'{field}' is {width}x{height}; the long side may be at most "
+            f"{limits.max_aspect_ratio:g} times the short one: crop it first",
         )
     try:
         image.load()
@@ -234,16 +268,16 @@ def decode_image(
 
 
 def read_image(
-    payload: Mapping, field: str, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS, mode: str = "RGB"
+    payload: Mapping, field: str, limits: ImageLimits = ImageLimits(), mode: str = "RGB"
 ) -> Image.Image:
-    return decode_image(decode_base64(require(payload, field), field), field, max_pixels, mode)
+    return decode_image(decode_base64(require(payload, field), field), field, limits, mode)
 
 
 def read_mask(
-    payload: Mapping, field: str, size: tuple[int, int], max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
+    payload: Mapping, field: str, size: tuple[int, int], limits: ImageLimits = ImageLimits()
 ) -> np.ndarray:
     """A mask image -> bool array (True = edit here), binarised at > 0; must match `size`."""
-    mask = read_image(payload, field, max_pixels, mode="L")
+    mask = read_image(payload, field, limits, mode="L")
     if mask.size != size:
         raise RequestError(
             "mask_size_mismatch",
@@ -257,6 +291,8 @@ def encode_image(image: Image.Image, image_format: str = "PNG") -> str:
     buffer = io.BytesIO()
     if image_format == "JPEG":
         image.save(buffer, format="JPEG", quality=95)
+    elif image_format == "WEBP":
+        image.save(buffer, format="WEBP", lossless=True)  # keeps unmasked pixels exact
     else:
         image.save(buffer, format=image_format)
     return base64.b64encode(buffer.getvalue()).decode("ascii")
@@ -292,10 +328,10 @@ class InpaintInputs:
     response_format: str  # Pillow format name
 
 
-def read_inpaint_inputs(payload: Mapping, max_pixels: int, max_dilate: int) -> InpaintInputs:
+def read_inpaint_inputs(payload: Mapping, limits: ImageLimits, max_dilate: int) -> InpaintInputs:
     """image + mask_image (same size, binarised > 0), optional dilate_kernel_size and format."""
-    image = read_image(payload, "image", max_pixels)
-    mask = read_mask(payload, "mask_image", image.size, max_pixels)
+    image = read_image(payload, "image", limits)
+    mask = read_mask(payload, "mask_image", image.size, limits)
     kernel_size = read_int(payload, "dilate_kernel_size", 0, 0, max_dilate)
     return InpaintInputs(image, dilate_mask(mask, kernel_size), read_response_format(payload))
 
@@ -393,8 +429,9 @@ class EditHandler:
 
     def initialize(self, context: Any) -> None:
         self.config = handler_context(context)
-        self.max_image_pixels = int(
-            self.config.setting("max_image_pixels", DEFAULT_MAX_IMAGE_PIXELS)
+        self.image_limits = ImageLimits.from_settings(self.config.settings)
+        self.max_response_bytes = int(
+            self.config.setting("max_response_bytes", DEFAULT_MAX_RESPONSE_BYTES)
         )
         self.load(self.config)
         self.initialized = True
@@ -416,18 +453,27 @@ class EditHandler:
         raise NotImplementedError
 
     # -- the loop ---------------------------------------------------------------------------
-    def process(self, row: Any) -> dict:
+    def process(self, row: Any) -> str:
+        """One request -> its JSON response text."""
         request = self.decode(read_payload(row))
         self.validate(request)
         with torch.inference_mode():
             result = self.infer(request)
-        return self.encode(result)
+        response = json.dumps(self.encode(result))
+        if len(response) > self.max_response_bytes:
+            raise RequestError(
+                "response_too_large",
+                f"the response would be {len(response)} bytes; the limit is "
+                f'{self.max_response_bytes} (SageMaker\'s 6 MB): ask for "format": "jpeg" '
+                "or send a smaller image",
+            )
+        return response
 
     def handle(self, data: list, context: Any) -> list:
         """TorchServe's entry point: one JSON response per request of the batch.
 
         Each request gets its own status, so one bad request in a batch fails alone. Errors
-        are answered with our JSON body and status 400 set on the request itself: raising
+        are answered with our JSON body and the status set on the request itself: raising
         PredictionException would make the frontend wrap the body as a string inside its own
         {"code", "type", "message"} envelope. Only a context that cannot carry per-request
         status (no TorchServe request processor) falls back to PredictionException.
@@ -435,17 +481,34 @@ class EditHandler:
         responses: list = []
         for index, row in enumerate(data):
             try:
-                body, status = json.dumps(self.process(row)), 200
+                body, status = self.process(row), 200
             except RequestError as error:
                 logger.info("rejected request %d: %s: %s", index, error.code, error.message)
                 body, status = error.body(), error.status
-                if getattr(context, "request_processor", None) is None:
+            except Exception as error:
+                if _out_of_memory(error):
+                    raise  # TorchServe answers 507, so SageMaker can free memory for this model
+                logger.exception("request %d failed", index)
+                body, status = INTERNAL_ERROR.body(), INTERNAL_ERROR.status
+            if getattr(context, "request_processor", None) is None:
+                if status != 200:
                     from ts.utils.util import PredictionException
 
-                    raise PredictionException(body, status) from None
-            if getattr(context, "request_processor", None) is not None:
+                    raise PredictionException(body, status)
+            else:
                 if status != 200:
-                    context.set_response_status(status, "Bad Request", idx=index)
+                    context.set_response_status(status, HTTPStatus(status).phrase, idx=index)
                 context.set_response_content_type(index, "application/json")
             responses.append(body)
         return responses
+
+
+# A bug or a model failure, not the client's doing: an honest 500, the details in the log only.
+INTERNAL_ERROR = RequestError(
+    "internal_error", "the model failed on this request; the server log has the details", 500
+)
+
+
+def _out_of_memory(error: Exception) -> bool:
+    # TorchServe's own rule: MemoryError, or a message naming CUDA, becomes a 507
+    return isinstance(error, (MemoryError, torch.OutOfMemoryError)) or "CUDA" in str(error)

@@ -70,7 +70,7 @@ class SamHandler(EditHandler):
 
     # -- decode -----------------------------------------------------------------------------
     def decode(self, payload: dict) -> SamHandler.Request:
-        image = read_image(payload, "image", self.max_image_pixels)
+        image = read_image(payload, "image", self.image_limits)
         gen_args = read_json_object(payload.get("gen_args"), "gen_args")
         if "point_coords" not in gen_args:
             raise RequestError(
@@ -177,7 +177,10 @@ def _read_points(value: object, max_points: int) -> np.ndarray:
             or any(isinstance(c, bool) or not isinstance(c, (int, float)) for c in pair)
         ):
             raise RequestError("invalid_point", usage)
-    return np.asarray(pairs, dtype=np.float64)
+    try:
+        return np.asarray(pairs, dtype=np.float64)
+    except OverflowError:  # an integer beyond float range
+        raise RequestError("invalid_point", "point_coords must be finite numbers") from None
 
 
 def _read_labels(value: object, count: int) -> np.ndarray:

@@ -74,7 +74,7 @@ class SdHandler(EditHandler):
 
     # -- decode -----------------------------------------------------------------------------
     def decode(self, payload: dict) -> SdHandler.Request:
-        inputs = read_inpaint_inputs(payload, self.max_image_pixels, self.max_dilate_kernel_size)
+        inputs = read_inpaint_inputs(payload, self.image_limits, self.max_dilate_kernel_size)
         gen_args = read_json_object(payload.get("gen_args"), "gen_args")
         seed = gen_args.get("seed")
         return self.Request(

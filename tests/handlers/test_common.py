@@ -149,8 +149,20 @@ def test_a_header_claiming_a_huge_size_is_refused_before_decoding():
 
 def test_pixel_cap_is_configurable():
     data = image_bytes(random_image(64, 64))
-    assert common.decode_image(data, "image", max_pixels=64 * 64).size == (64, 64)
-    assert error_code(common.decode_image, data, "image", max_pixels=64 * 63) == "image_too_large"
+    fits, too_small = common.ImageLimits(max_pixels=64 * 64), common.ImageLimits(max_pixels=64 * 63)
+    assert common.decode_image(data, "image", fits).size == (64, 64)
+    assert error_code(common.decode_image, data, "image", too_small) == "image_too_large"
+
+
+def test_extreme_aspect_ratios_are_refused():
+    assert common.decode_image(image_bytes(random_image(200, 10)), "image").size == (200, 10)
+    data = image_bytes(random_image(2100, 1))
+    assert error_code(common.decode_image, data, "image") == "image_aspect_ratio"
+
+
+def test_limits_come_from_settings():
+    limits = common.ImageLimits.from_settings({"max_image_pixels": 100, "max_aspect_ratio": 2})
+    assert limits == common.ImageLimits(100, 2.0)
 
 
 def test_truncated_png_is_refused():
@@ -172,6 +184,61 @@ def test_alpha_and_grayscale_inputs_become_rgb():
     gray = Image.new("L", (4, 4), 7)
     assert common.decode_image(image_bytes(rgba), "image").getpixel((0, 0)) == (10, 20, 30)
     assert common.decode_image(image_bytes(gray), "image").getpixel((0, 0)) == (7, 7, 7)
+
+
+JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.floats() | st.integers() | st.text(max_size=20),
+    lambda children: (
+        st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8), children, max_size=4)
+    ),
+    max_leaves=20,
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.one_of(st.binary(max_size=200), st.text(max_size=200), JSON_VALUES))
+def test_any_body_is_an_object_or_a_request_error(body):
+    try:
+        payload = common.read_payload({"body": body})
+    except RequestError as error:
+        assert error.status == 400
+    else:
+        assert isinstance(payload, dict)
+
+
+@settings(max_examples=200, deadline=None)
+@given(JSON_VALUES)
+def test_scalar_readers_accept_or_refuse_with_a_request_error(value):
+    for read in (
+        lambda: common.read_int({"v": value}, "v", 0, 0, 100),
+        lambda: common.read_float({"v": value}, "v", 0.0, 0.0, 30.0),
+        lambda: common.read_bool({"v": value}, "v", False),
+        lambda: common.read_text({"v": value}, "v", 10),
+        lambda: common.read_json_object(value, "v"),
+        lambda: common.read_response_format({"format": value}),
+    ):
+        try:
+            read()
+        except RequestError as error:
+            assert error.status == 400
+
+
+@pytest.mark.parametrize(
+    "body",
+    [b"[" * 100_000 + b"]" * 100_000, b'{"a": ' + b"9" * 5000 + b"}", '{"a": 1e999999}'],
+)
+def test_pathological_json_is_a_400(body):
+    try:
+        payload = common.read_payload({"body": body})
+    except RequestError as error:
+        assert error.code in ("invalid_json", "invalid_request")
+    else:
+        assert payload == {"a": float("inf")}  # Python reads 1e999999 as infinity
+
+
+def test_huge_numbers_are_refused_not_crashed_on():
+    assert error_code(common.read_float, {"g": 10**400}, "g", 1.0, 0.0, 30.0) == "invalid_field"
+    assert error_code(common.read_int, {"n": 10**400}, "n", 1, 0, 10) == "out_of_range"
 
 
 @settings(max_examples=150, deadline=None)

@@ -140,11 +140,21 @@ def test_bad_gen_args_are_400_with_a_json_body(sam, gen_args, code):
     assert body["error"] == code and body["message"]
 
 
-def test_nan_point_sent_as_raw_json_bytes_is_a_400(sam):
-    # Python's json (and so TorchServe's decoding) accepts the NaN literal
-    payload = b'{"image": "%s", "gen_args": {"point_coords": [NaN, 3]}}' % b64(IMAGE).encode()
+@pytest.mark.parametrize("coordinate", [b"NaN", b"1e999", b"9" * 400])
+def test_non_finite_or_huge_point_sent_as_raw_json_is_a_400(sam, coordinate):
+    # Python's json (and so TorchServe's decoding) accepts NaN and reads 1e999 as infinity
+    payload = b'{"image": "%s", "gen_args": {"point_coords": [%s, 3]}}' % (
+        b64(IMAGE).encode(),
+        coordinate,
+    )
     reply = sam.predict(payload)
     assert reply.status == 400 and reply.json()["error"] == "invalid_point"
+
+
+def test_an_image_too_thin_for_sam_is_refused(sam):
+    thin = random_image(2100, 1)
+    reply = sam.predict({"image": b64(thin), "gen_args": {"point_coords": [5, 0]}})
+    assert reply.status == 400 and reply.json()["error"] == "image_aspect_ratio"
 
 
 @pytest.mark.parametrize(

@@ -104,7 +104,14 @@ def test_large_image_only_the_window_changes(sd):
         ({"format": "gif"}, "invalid_field"),
     ],
 )
-def test_bad_input_is_400_before_any_model_work(sd, overrides, code):
+def test_bad_input_is_400_before_any_model_work(sd, overrides, code, monkeypatch):
+    class ModelMustNotRun:
+        tokenizer = sd.handler.pipeline.tokenizer
+
+        def __call__(self, *args, **kwargs):
+            raise AssertionError("the model ran on a bad request")
+
+    monkeypatch.setattr(sd.handler, "pipeline", ModelMustNotRun())
     reply = sd.predict(request(**overrides))
     assert reply.status == 400
     assert reply.json()["error"] == code
@@ -164,3 +171,9 @@ def test_model_size_is_native_and_a_multiple_of_8(sd):
     assert sd.handler.model_size((512, 512)) == (512, 512)
     assert sd.handler.model_size((300, 200)) == (512, 344)
     assert sd.handler.model_size((1440, 1000)) == (512, 352)
+
+
+def test_a_thin_image_within_the_aspect_limit_is_inpainted(sd):
+    image, mask = random_image(400, 20, seed=3), box_mask(400, 20, (100, 5, 140, 15))
+    result = pixels(sd.predict(request(image=b64(image), mask_image=b64(mask))))
+    assert result.shape == (20, 400, 3)
