@@ -106,6 +106,13 @@ def archive_inputs(model: str, tier: str, weights_root: Path = DEFAULT_ROOT) -> 
     )
 
 
+def link_or_copy(source: str, target: str) -> None:
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copy2(source, target)
+
+
 def run_archiver(inputs: ArchiveInputs, workdir: Path) -> Path:
     """torch-model-archiver, no-archive layout; returns the archive folder."""
     extra = workdir / "extra"
@@ -113,7 +120,8 @@ def run_archiver(inputs: ArchiveInputs, workdir: Path) -> Path:
     for path in inputs.shared:
         shutil.copy(path, extra / path.name)
     # the archiver copies a folder's contents into the archive root: extra/weights -> weights/
-    shutil.copytree(inputs.weights, extra / "weights")
+    # (hard links where the file system allows: weights run to gigabytes)
+    shutil.copytree(inputs.weights, extra / "weights", copy_function=link_or_copy)
     private_tmp = workdir / "tmp"  # the archiver stages in $TMPDIR/<model>: keep builds apart
     private_tmp.mkdir()
     command = [
@@ -201,11 +209,13 @@ def build_archive(
         and entry["inputs_sha256"] == fingerprint
         and target.is_file()
         and target.stat().st_size == entry["size"]
+        and sha256_of(target) == entry["sha256"]  # what gets promoted must be what was built
     ):
         return entry, False
-    with tempfile.TemporaryDirectory(prefix=f"mmekit-archive-{inputs.model}-") as workdir:
+    # the build folder sits in the store so the weights can be hard-linked into it
+    with tempfile.TemporaryDirectory(prefix=f".build-{inputs.model}-", dir=store) as workdir:
         folder = run_archiver(inputs, Path(workdir))
-        staging = store / f".{inputs.model}.tar.gz.partial"
+        staging = Path(workdir) / target.name
         write_deterministic_tar(folder, staging, inputs.model, gzip_level)
         staging.replace(target)
     info = read_info(inputs.weights) or {}

@@ -154,7 +154,19 @@ class NativeRuntime:
             start_new_session=True,  # Ctrl-C is handled here, then passed on cleanly
         )
 
+    def running_pid(self) -> int | None:
+        """The pid of a TorchServe started from this run folder and still alive, if any."""
+        import psutil
+
+        pid_file = self.run_dir / "tmp" / ".model_server.pid"
+        try:
+            pid = int(pid_file.read_text().strip())
+            return pid if "org.pytorch.serve.ModelServer" in psutil.Process(pid).cmdline() else None
+        except (OSError, ValueError, psutil.Error):
+            return None
+
     def stop(self) -> bool:
+        """Stop the TorchServe this run folder started; True if one was running."""
         torchserve = str(Path(sys.executable).with_name("torchserve"))
         result = subprocess.run(
             [torchserve, "--stop"],
@@ -163,7 +175,7 @@ class NativeRuntime:
             capture_output=True,
             text=True,
         )
-        return "stopped" in (result.stdout + result.stderr).lower()
+        return "has stopped" in result.stdout + result.stderr
 
 
 RUNTIMES = {"native": NativeRuntime}
@@ -200,17 +212,19 @@ def wait_until_ready(
     examples: dict[str, Path],
     process: subprocess.Popen,
     timeout: float = 600.0,
+    foreground: bool = True,
 ) -> None:
     """Ready means every model answered a real inference (not /ping, which stays 200 while a
-    worker crash-loops)."""
+    worker crash-loops). A foreground launcher that exits has lost its server, whatever its
+    status (it exits 0 when Java dies); a detached one exits 0 once it has started Java."""
     headers = {"Content-Type": "application/json"}
     if token:
         headers["Authorization"] = f"Bearer {token}"
     pending = dict(examples)
     deadline = time.monotonic() + timeout
     while pending:
-        if process.poll() is not None and process.returncode != 0:
-            raise ServeError(f"TorchServe exited with status {process.returncode}; see its log")
+        if process.poll() is not None and (foreground or process.returncode != 0):
+            raise ServeError(f"TorchServe exited (status {process.returncode}); see its log")
         if time.monotonic() > deadline:
             raise ServeError(f"models not ready after {timeout:.0f} s: {', '.join(pending)}")
         for model, path in list(pending.items()):
@@ -244,7 +258,9 @@ def curl_lines(ports: Ports, requests_dir: Path) -> str:
     return "\n".join(lines)
 
 
-def wait_for_token(run_dir: Path, process: subprocess.Popen, timeout: float = 60.0) -> str:
+def wait_for_token(
+    run_dir: Path, process: subprocess.Popen, timeout: float = 60.0, foreground: bool = True
+) -> str:
     """The inference key, once TorchServe has finished writing key_file.json."""
     deadline = time.monotonic() + timeout
     while True:
@@ -252,8 +268,9 @@ def wait_for_token(run_dir: Path, process: subprocess.Popen, timeout: float = 60
             return read_token(run_dir)
         except (ServeError, json.JSONDecodeError, KeyError):
             pass  # not written yet, or half written
-        if process.poll() not in (None, 0) or time.monotonic() > deadline:
-            raise ServeError("TorchServe did not start (no key_file.json); see its log above")
+        exited = process.poll() is not None and (foreground or process.returncode != 0)
+        if exited or time.monotonic() > deadline:
+            raise ServeError("TorchServe did not start (no key_file.json); see its log")
         time.sleep(0.2)
 
 
@@ -272,25 +289,40 @@ def shut_down(runtime: NativeRuntime, process: subprocess.Popen) -> None:
 
 
 def start(args: argparse.Namespace) -> int:
+    run_dir, store = args.run_dir, args.store.resolve()
+    runtime = RUNTIMES[args.runtime](run_dir, store)
+    running = runtime.running_pid()
+    if running is not None:  # its key file, config and pid file live in this run folder
+        raise ServeError(f"an mmekit server is already running (pid {running}): `make stop` first")
     ports = Ports.from_env()
     check_ports_free(ports, args.profile)
-    store = args.store.resolve()
     prepare_archives(args.tier, args.weights, store)
-    run_dir = args.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "key_file.json").unlink(missing_ok=True)  # a fresh server writes fresh keys
     config = run_dir / "config.properties"
     config.write_text(render_profile(args.profile, ports, store))
     examples = write_requests(run_dir / "requests")
     probes = write_requests(run_dir / "readiness", sd_steps=1)
-    runtime = RUNTIMES[args.runtime](run_dir, store)
     for signum in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(signum, _interrupt)
-    process = runtime.start(config, list(MODELS), foreground=not args.detach)
+    log = None
+    if args.detach:  # the server outlives this command: its output goes to a file
+        (run_dir / "logs").mkdir(exist_ok=True)
+        log = open(run_dir / "logs" / "console.log", "ab")  # noqa: SIM115 - the server owns it
+        print(f"[serve] server output: {run_dir / 'logs' / 'console.log'}", flush=True)
+    process = runtime.start(config, list(MODELS), foreground=not args.detach, log=log)
     keep_running = False
     try:
-        token = wait_for_token(run_dir, process) if args.profile == "local" else None
-        wait_until_ready(f"http://127.0.0.1:{ports.inference}", token, probes, process)
+        token = None
+        if args.profile == "local":
+            token = wait_for_token(run_dir, process, foreground=not args.detach)
+        wait_until_ready(
+            f"http://127.0.0.1:{ports.inference}",
+            token,
+            probes,
+            process,
+            foreground=not args.detach,
+        )
         print(curl_lines(ports, examples["sam"].parent), flush=True)
         if args.detach:
             keep_running = True

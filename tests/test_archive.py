@@ -38,6 +38,18 @@ def test_unchanged_inputs_are_not_rebuilt(store, weights_root):
     assert entry == archive.read_manifest(store)["models"]["sam"]
 
 
+def test_a_tampered_tarball_is_rebuilt_even_at_the_same_size(tmp_path, weights_root):
+    inputs = archive.archive_inputs("sam", "tiny", weights_root)
+    entry, _ = archive.build_archive(inputs, tmp_path)
+    tarball = tmp_path / "sam.tar.gz"
+    data = bytearray(tarball.read_bytes())
+    data[-100] ^= 0xFF
+    tarball.write_bytes(bytes(data))
+    rebuilt, built = archive.build_archive(inputs, tmp_path)
+    assert built and digest(tarball) == entry["sha256"] == rebuilt["sha256"]
+    assert not list(tmp_path.glob(".build-*"))  # the build folder is gone
+
+
 def test_changed_inputs_are_rebuilt(tmp_path, weights_root):
     inputs = archive.archive_inputs("sam", "tiny", weights_root)
     first, _ = archive.build_archive(inputs, tmp_path, gzip_level=1)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 import json
 import time
 
@@ -131,10 +132,31 @@ def test_model_registration_api_is_off(local_server: Server):
     assert {m["modelName"] for m in listing.json()["models"]} == {"sam", "lama", "sd"}
 
 
-def test_every_listener_is_on_loopback(local_server: Server):
-    config = (local_server.run_dir / "config.properties").read_text()
-    addresses = [line for line in config.splitlines() if "_address=" in line]
-    assert addresses and all("//127.0.0.1:" in line for line in addresses)
+def test_every_socket_the_server_listens_on_is_loopback(local_server: Server):
+    import psutil
+
+    pid = local_server.runtime.running_pid()
+    assert pid is not None
+    listening = [c for c in psutil.Process(pid).net_connections("inet") if c.status == "LISTEN"]
+    ports = {c.laddr.port for c in listening}
+    assert {local_server.ports.inference, local_server.ports.management} <= ports
+    assert {local_server.ports.grpc_inference, local_server.ports.grpc_management} <= ports
+    # Java listens on IPv6 sockets: 127.0.0.1 shows as ::ffff:127.0.0.1
+    for connection in listening:
+        address = ipaddress.ip_address(connection.laddr.ip)
+        address = getattr(address, "ipv4_mapped", None) or address
+        assert address.is_loopback, connection
+
+
+def test_a_second_start_from_the_same_run_folder_is_refused(local_server: Server, capsys):
+    from scripts import serve
+
+    code = serve.main(
+        ["--run-dir", str(local_server.run_dir), "start", "--store", str(local_server.store)]
+    )
+    assert code == 1
+    assert "already running" in capsys.readouterr().err
+    assert local_server.predict("sam", click()).status_code == 200  # untouched
 
 
 def test_served_tarballs_are_the_ones_in_the_manifest(local_server: Server):
