@@ -165,8 +165,19 @@ class NativeRuntime:
         except (OSError, ValueError, psutil.Error):
             return None
 
-    def stop(self) -> bool:
-        """Stop the TorchServe this run folder started; True if one was running."""
+    def stop(self, timeout: float = 30.0) -> bool:
+        """Stop the TorchServe this run folder started and wait until its frontend and workers
+        are gone (bounded; stragglers are killed). True if one was running."""
+        import psutil
+
+        server = []
+        pid = self.running_pid()
+        if pid is not None:
+            try:
+                frontend = psutil.Process(pid)
+                server = [frontend, *frontend.children(recursive=True)]
+            except psutil.Error:  # already gone
+                pass
         torchserve = str(Path(sys.executable).with_name("torchserve"))
         result = subprocess.run(
             [torchserve, "--stop"],
@@ -175,6 +186,9 @@ class NativeRuntime:
             capture_output=True,
             text=True,
         )
+        _, alive = psutil.wait_procs(server, timeout=timeout)
+        for straggler in alive:
+            straggler.kill()
         return "has stopped" in result.stdout + result.stderr
 
 
@@ -279,6 +293,7 @@ def _interrupt(signum: int, frame: object) -> None:
 
 
 def shut_down(runtime: NativeRuntime, process: subprocess.Popen) -> None:
+    """Stop the server and its launcher process."""
     runtime.stop()
     if process.poll() is None:
         process.terminate()
