@@ -64,9 +64,14 @@ class Ports:
         return cls(**values)
 
 
-def render_profile(profile: str, ports: Ports, model_store: Path) -> str:
+def render_profile(
+    profile: str, ports: Ports, model_store: Path | str, bind_address: str = "127.0.0.1"
+) -> str:
+    """A TorchServe config.properties. Listeners bind loopback; only inside a container, whose
+    ports are published on the host's loopback (or reached by SageMaker), is 0.0.0.0 right."""
     template = string.Template((PROJECT_ROOT / "configs" / PROFILES[profile]).read_text())
     return template.substitute(
+        bind_address=bind_address,
         inference_port=ports.inference,
         management_port=ports.management,
         metrics_port=ports.metrics,
