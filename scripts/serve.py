@@ -81,20 +81,38 @@ def render_profile(
     )
 
 
+def free_ports(count: int) -> list[int]:
+    """Ports nothing listens on now, on 127.0.0.1 (held together so they differ)."""
+    probes = []
+    try:
+        for _ in range(count):
+            probe = socket.socket()
+            probe.bind(("127.0.0.1", 0))
+            probes.append(probe)
+        return [probe.getsockname()[1] for probe in probes]
+    finally:
+        for probe in probes:
+            probe.close()
+
+
+def check_port_free(port: int, label: str, variable: str) -> None:
+    """A one-line error naming the port when something already listens on it."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        try:
+            probe.bind(("127.0.0.1", port))
+        except OSError:
+            raise ServeError(
+                f"port {port} ({label}) is already in use on 127.0.0.1: stop what holds it "
+                f"(`make stop` if it is mmekit) or set {variable}=<another port>"
+            ) from None
+
+
 def check_ports_free(ports: Ports, profile: str) -> None:
     used = asdict(ports)
     if profile == "sagemaker":
         used.pop("management")  # one port for both APIs, as on SageMaker
     for name, port in used.items():
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-            try:
-                probe.bind(("127.0.0.1", port))
-            except OSError:
-                raise ServeError(
-                    f"port {port} ({name.replace('_', ' ')}) is already in use on 127.0.0.1: "
-                    f"stop what holds it (`make stop` if it is mmekit) or set "
-                    f"{name.upper()}_PORT=<another port>"
-                ) from None
+        check_port_free(port, name.replace("_", " "), f"{name.upper()}_PORT")
 
 
 def read_token(run_dir: Path = RUN_DIR, api: str = "inference") -> str:
@@ -293,7 +311,7 @@ def wait_for_token(
         time.sleep(0.2)
 
 
-def _interrupt(signum: int, frame: object) -> None:
+def interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt  # SIGTERM/SIGHUP: shut TorchServe down the same way as Ctrl-C
 
 
@@ -324,7 +342,7 @@ def start(args: argparse.Namespace) -> int:
     examples = write_requests(run_dir / "requests")
     probes = write_requests(run_dir / "readiness", sd_steps=1)
     for signum in (signal.SIGTERM, signal.SIGHUP):
-        signal.signal(signum, _interrupt)
+        signal.signal(signum, interrupt)
     log = None
     if args.detach:  # the server outlives this command: its output goes to a file
         (run_dir / "logs").mkdir(exist_ok=True)

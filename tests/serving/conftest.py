@@ -6,7 +6,6 @@ model has answered a real inference, torn down at the end; a failing test prints
 
 from __future__ import annotations
 
-import socket
 import subprocess
 import tarfile
 import time
@@ -22,6 +21,7 @@ from scripts.examples import write_requests
 from scripts.serve import (
     NativeRuntime,
     Ports,
+    free_ports,
     read_token,
     render_profile,
     shut_down,
@@ -31,19 +31,6 @@ from scripts.serve import (
 from scripts.weights import MODELS
 
 READY_TIMEOUT_S = 240
-
-
-def free_ports(count: int) -> list[int]:
-    sockets = []
-    try:
-        for _ in range(count):
-            probe = socket.socket()
-            probe.bind(("127.0.0.1", 0))
-            sockets.append(probe)
-        return [probe.getsockname()[1] for probe in sockets]
-    finally:
-        for probe in sockets:
-            probe.close()
 
 
 @dataclass

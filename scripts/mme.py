@@ -1,0 +1,608 @@
+"""A local SageMaker multi-model endpoint: `make serve-mme`.
+
+A small server on loopback that speaks the SageMaker runtime API for one endpoint
+(`POST /endpoints/{name}/invocations` with `X-Amzn-SageMaker-Target-Model`, as
+`boto3.client("sagemaker-runtime").invoke_endpoint(..., TargetModel=...)` sends it), in front of
+a real TorchServe running the `sagemaker` profile, and drives it the way SageMaker drives the
+container: on a target's first invocation it fetches the tarball (local folder or `s3://`),
+extracts it to `<root>/opt/ml/models/<hash>/model`, registers it with `POST /models
+{"model_name", "url"}`, then invokes `/models/<hash>/invoke`. It keeps SageMaker's limits and
+error shapes (ValidationError, ModelError 424 with OriginalStatusCode, ModelNotReadyException
+429), evicts least-recently-used models past a memory budget or on a 507, and exposes MME-style
+metrics in Prometheus text at `/metrics`.
+
+    python -m scripts.mme [--source model_store | s3://bucket/prefix] [--port 8090]
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import os
+import shutil
+import signal
+import sys
+import tarfile
+import threading
+import time
+import uuid
+from collections import OrderedDict
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+import requests
+from prometheus_client import CollectorRegistry, Counter, Gauge, Summary, generate_latest
+
+from scripts import PROJECT_ROOT
+
+logger = logging.getLogger("mmekit.mme")
+
+MAX_BODY_BYTES = 6_291_456  # InvokeEndpoint's request and response payload limit
+INVOCATION_TIMEOUT_S = 60.0  # SageMaker waits this long for the container's answer
+NOT_READY_AFTER_S = 60.0  # a model still loading then: ModelNotReadyException, load goes on
+LOAD_TIMEOUT_S = 360.0  # how long a load may go on at all
+ACCOUNT = "000000000000"
+REGION = "us-east-1"
+
+
+# ---------------------------------------------------------------------------------------------
+# SageMaker's answers
+
+
+class SageMakerError(Exception):
+    """An error response in the runtime API's rest-json shape, as botocore parses it."""
+
+    def __init__(self, code: str, status: int, message: str, **members: Any) -> None:
+        super().__init__(message)
+        self.code, self.status, self.message, self.members = code, status, message, members
+
+    def body(self) -> bytes:
+        return json.dumps({"message": self.message, **self.members}).encode()
+
+
+def validation_error(message: str) -> SageMakerError:
+    return SageMakerError("ValidationError", 400, message)
+
+
+def model_error(endpoint: str, status: int, original: str) -> SageMakerError:
+    kind = "client" if 400 <= status < 500 else "server"
+    log_group = f"/aws/sagemaker/Endpoints/{endpoint}"
+    message = (
+        f'Received {kind} error ({status}) from primary with message "{original}". See '
+        f"https://{REGION}.console.aws.amazon.com/cloudwatch/home?region={REGION}"
+        f"#logEventViewer:group={log_group} in account {ACCOUNT} for more information."
+    )
+    return SageMakerError(
+        "ModelError",
+        424,
+        message,
+        OriginalStatusCode=status,
+        OriginalMessage=original,
+        LogStreamArn=f"arn:aws:logs:{REGION}:{ACCOUNT}:log-group:{log_group}",
+    )
+
+
+TIMEOUT_MESSAGE = (
+    "Your invocation timed out while waiting for a response from container primary. Review the "
+    "latency metrics for each container in Amazon CloudWatch, resolve the issue, and try again."
+)
+
+
+# ---------------------------------------------------------------------------------------------
+# Where tarballs come from
+
+
+class ModelNotFound(Exception):
+    pass
+
+
+class LocalSource:
+    def __init__(self, folder: Path) -> None:
+        self.folder = Path(folder).resolve()
+        self.uri = str(self.folder)
+
+    def fetch(self, target: str, destination: Path) -> None:
+        source = self.folder / target
+        if not source.is_file():
+            raise ModelNotFound(target)
+        shutil.copyfile(source, destination)
+
+
+class S3Source:
+    """s3://bucket/prefix, read with boto3 (so a local S3 such as a moto server works too)."""
+
+    def __init__(self, uri: str, client_factory: Callable[[], Any]) -> None:
+        bucket, _, prefix = uri.removeprefix("s3://").partition("/")
+        self.uri, self.bucket, self.prefix = uri, bucket, prefix.strip("/")
+        self.client_factory = client_factory
+
+    def fetch(self, target: str, destination: Path) -> None:
+        from botocore.exceptions import ClientError
+
+        key = f"{self.prefix}/{target}" if self.prefix else target
+        try:
+            self.client_factory().download_file(self.bucket, key, str(destination))
+        except ClientError as error:
+            if error.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "403"):
+                raise ModelNotFound(target) from None
+            raise
+
+
+def make_s3_client(endpoint_url: str | None = None, region: str | None = None) -> Any:
+    """The one seam for the emulator's AWS client (tests point it at a moto server)."""
+    import boto3
+
+    return boto3.client("s3", endpoint_url=endpoint_url, region_name=region or REGION)
+
+
+# ---------------------------------------------------------------------------------------------
+# TorchServe's management and invocation API, as SageMaker's agent uses it
+
+
+@dataclass
+class Reply:
+    status: int
+    body: bytes
+    content_type: str = "application/json"
+
+    @property
+    def text(self) -> str:
+        return self.body.decode("utf-8", errors="replace")
+
+
+class TorchServeClient:
+    def __init__(self, url: str) -> None:
+        self.url = url.rstrip("/")
+        self._local = threading.local()
+
+    @property
+    def session(self) -> requests.Session:
+        # keep-alive per thread: requests' Session is not meant to be shared between threads
+        if not hasattr(self._local, "session"):
+            self._local.session = requests.Session()
+        return self._local.session
+
+    def register(self, name: str, folder: Path) -> Reply:
+        reply = self.session.post(
+            f"{self.url}/models",
+            json={"model_name": name, "url": str(folder)},
+            timeout=LOAD_TIMEOUT_S,
+        )
+        return Reply(reply.status_code, reply.content)
+
+    def describe(self, name: str) -> Reply:
+        reply = self.session.get(f"{self.url}/models/{name}", timeout=30)
+        return Reply(reply.status_code, reply.content)
+
+    def unregister(self, name: str) -> Reply:
+        reply = self.session.delete(f"{self.url}/models/{name}", timeout=60)
+        return Reply(reply.status_code, reply.content)
+
+    def invoke(
+        self, name: str, target: str, body: bytes, content_type: str, timeout: float
+    ) -> Reply:
+        reply = self.session.post(
+            f"{self.url}/models/{name}/invoke",
+            data=body,
+            headers={"Content-Type": content_type, "X-Amzn-SageMaker-Target-Model": target},
+            timeout=timeout,
+        )
+        return Reply(reply.status_code, reply.content, reply.headers.get("content-type", ""))
+
+
+# ---------------------------------------------------------------------------------------------
+# The endpoint
+
+
+@dataclass
+class LoadedModel:
+    target: str
+    name: str
+    folder: Path
+    size_bytes: int
+
+
+class Metrics:
+    """MME-style CloudWatch metrics, in Prometheus text."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.cache_hit = Summary(
+            "ModelCacheHit",
+            "1 when the target model was already loaded (mean = hit rate)",
+            registry=self.registry,
+        )
+        self.loading_wait = Summary(
+            "ModelLoadingWaitTime_seconds",
+            "time an invocation waited for its model to be downloaded and loaded",
+            registry=self.registry,
+        )
+        self.downloading = Summary(
+            "ModelDownloadingTime_seconds", "time to fetch a model", registry=self.registry
+        )
+        self.loading = Summary(
+            "ModelLoadingTime_seconds", "time to extract and register", registry=self.registry
+        )
+        self.unloading = Summary(
+            "ModelUnloadingTime_seconds", "time to unload", registry=self.registry
+        )
+        self.loaded = Gauge("LoadedModelCount", "models loaded now", registry=self.registry)
+        self.invocations = Counter(
+            "Invocations", "invocations by outcome", ["outcome"], registry=self.registry
+        )
+
+    def text(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+@dataclass
+class Endpoint:
+    """One multi-model endpoint: the models it has loaded and how it loads more."""
+
+    name: str
+    source: LocalSource | S3Source
+    models_dir: Path  # SageMaker's /opt/ml/models: TorchServe's model store
+    downloads_dir: Path
+    torchserve: TorchServeClient
+    memory_budget_bytes: int | None = None
+    not_ready_after_s: float = NOT_READY_AFTER_S
+    invocation_timeout_s: float = INVOCATION_TIMEOUT_S
+    metrics: Metrics = field(default_factory=Metrics)
+
+    def __post_init__(self) -> None:
+        self.models_dir.mkdir(parents=True, exist_ok=True)
+        self.downloads_dir.mkdir(parents=True, exist_ok=True)
+        self.loaded: OrderedDict[str, LoadedModel] = OrderedDict()  # least recent first
+        self.loading: dict[str, Future] = {}
+        self.lock = threading.RLock()
+        self.executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="mme-load")
+
+    # -- invocation ---------------------------------------------------------------------------
+    def invoke(self, endpoint: str, target: str | None, body: bytes, content_type: str) -> Reply:
+        try:
+            reply = self._invoke(endpoint, target, body, content_type)
+            self.metrics.invocations.labels("ok").inc()
+            return reply
+        except SageMakerError as error:
+            self.metrics.invocations.labels(error.code).inc()
+            raise
+
+    def _invoke(self, endpoint: str, target: str | None, body: bytes, content_type: str) -> Reply:
+        if endpoint != self.name:
+            raise validation_error(f"Endpoint {endpoint} of account {ACCOUNT} not found.")
+        if len(body) > MAX_BODY_BYTES:
+            raise validation_error(
+                "1 validation error detected: Value at 'body' failed to satisfy constraint: "
+                f"Member must have length less than or equal to {MAX_BODY_BYTES}"
+            )
+        target = normalise_target(target)
+        started = time.monotonic()
+        with self.lock:
+            model = self.loaded.get(target)
+            if model is not None:
+                self.loaded.move_to_end(target)
+        self.metrics.cache_hit.observe(1.0 if model else 0.0)
+        if model is None:
+            model = self._wait_for_load(target)
+            self.metrics.loading_wait.observe(time.monotonic() - started)
+        reply = self._forward(model, body, content_type)
+        if reply.status == 404:  # unloaded behind our back: load again, once
+            self._forget(target)
+            reply = self._forward(self._wait_for_load(target), body, content_type)
+        if reply.status == 507:  # out of memory: make room, try once more
+            self.evict_least_recent(keep=target)
+            reply = self._forward(model, body, content_type)
+        if reply.status >= 400:
+            raise model_error(self.name, reply.status, reply.text)
+        if len(reply.body) > MAX_BODY_BYTES:
+            raise model_error(self.name, 413, "response payload larger than 6291456 bytes")
+        return reply
+
+    def _forward(self, model: LoadedModel, body: bytes, content_type: str) -> Reply:
+        try:
+            return self.torchserve.invoke(
+                model.name, model.target, body, content_type, self.invocation_timeout_s
+            )
+        except requests.Timeout:
+            raise model_error(self.name, 0, TIMEOUT_MESSAGE) from None
+
+    # -- loading ------------------------------------------------------------------------------
+    def _wait_for_load(self, target: str) -> LoadedModel:
+        with self.lock:
+            future = self.loading.get(target)
+            if future is None:
+                future = self.executor.submit(self.load, target)
+                self.loading[target] = future
+        try:
+            return future.result(timeout=self.not_ready_after_s)
+        except FutureTimeout:
+            raise SageMakerError(
+                "ModelNotReadyException",
+                429,
+                f"Model {target} is not ready yet: it is still being downloaded or loaded. "
+                "Wait and try your request again.",
+            ) from None
+        except ModelNotFound:
+            raise validation_error(
+                f"Failed to download model data(bucket/folder: {self.source.uri}, key: "
+                f"{target}). Please ensure that there is an object located at the URL."
+            ) from None
+        except SageMakerError:
+            raise
+        except Exception as error:  # a broken tarball, TorchServe unreachable, ...
+            logger.exception("loading %s failed", target)
+            raise model_error(self.name, 500, f"could not load {target}: {error}") from None
+
+    def load(self, target: str) -> LoadedModel:
+        """Fetch, extract, register. Runs in the loader pool; the invocation may stop waiting."""
+        try:
+            name = model_name(self.source.uri, target)
+            tarball = self.downloads_dir / f"{name}.tar.gz"
+            started = time.monotonic()
+            self.source.fetch(target, tarball)
+            self.metrics.downloading.observe(time.monotonic() - started)
+            started = time.monotonic()
+            folder = self.models_dir / name / "model"
+            shutil.rmtree(folder, ignore_errors=True)
+            folder.mkdir(parents=True)
+            with tarfile.open(tarball) as archive:
+                archive.extractall(folder, filter="data")
+            tarball.unlink()
+            size = sum(path.stat().st_size for path in folder.rglob("*") if path.is_file())
+            model = LoadedModel(target, name, folder, size)
+            self._make_room(size, target)
+            reply = self.torchserve.register(name, folder)
+            if reply.status == 507:  # TorchServe is out of memory: free some, once
+                self.evict_least_recent(keep=target)
+                reply = self.torchserve.register(name, folder)
+            if reply.status == 409:
+                logger.info("%s was already registered (%s)", target, name)
+            elif reply.status >= 300:
+                raise model_error(self.name, reply.status, reply.text)
+            self._wait_until_serving(name)
+            self.metrics.loading.observe(time.monotonic() - started)
+            with self.lock:
+                self.loaded[target] = model
+                self.metrics.loaded.set(len(self.loaded))
+            return model
+        finally:
+            with self.lock:
+                self.loading.pop(target, None)
+
+    def _wait_until_serving(self, name: str) -> None:
+        deadline = time.monotonic() + LOAD_TIMEOUT_S
+        while time.monotonic() < deadline:
+            reply = self.torchserve.describe(name)
+            if reply.status == 200:
+                workers = json.loads(reply.body)[0].get("workers", [])
+                if any(worker.get("status") == "READY" for worker in workers):
+                    return
+            time.sleep(0.2)
+        raise model_error(self.name, 500, f"model {name} did not become ready")
+
+    def _make_room(self, size: int, target: str) -> None:
+        if self.memory_budget_bytes is None:
+            return
+        while True:
+            with self.lock:
+                used = sum(model.size_bytes for model in self.loaded.values())
+                others = [t for t in self.loaded if t != target]
+            if used + size <= self.memory_budget_bytes or not others:
+                return
+            self.unload(others[0])
+
+    def evict_least_recent(self, keep: str) -> str | None:
+        with self.lock:
+            others = [target for target in self.loaded if target != keep]
+        if not others:
+            return None
+        self.unload(others[0])
+        return others[0]
+
+    def unload(self, target: str) -> None:
+        """`DELETE /models/<name>` as SageMaker does when it evicts a model."""
+        with self.lock:
+            model = self.loaded.pop(target, None)
+            self.metrics.loaded.set(len(self.loaded))
+        if model is None:
+            return
+        started = time.monotonic()
+        self.torchserve.unregister(model.name)
+        shutil.rmtree(model.folder.parent, ignore_errors=True)
+        self.metrics.unloading.observe(time.monotonic() - started)
+        logger.info("unloaded %s", target)
+
+    def _forget(self, target: str) -> None:
+        with self.lock:
+            self.loaded.pop(target, None)
+            self.metrics.loaded.set(len(self.loaded))
+
+    def close(self) -> None:
+        self.executor.shutdown(wait=False, cancel_futures=True)
+
+
+def normalise_target(target: str | None) -> str:
+    """TargetModel is a path relative to the endpoint's S3 prefix ("sam.tar.gz" or, as the
+    AWS sample sends it, "/sam.tar.gz")."""
+    if not target:
+        raise validation_error(
+            "TargetModel is required: this is a multi-model endpoint "
+            "(header X-Amzn-SageMaker-Target-Model)"
+        )
+    path = PurePosixPath(target.lstrip("/"))
+    if not path.parts or ".." in path.parts or len(target) > 1024:
+        raise validation_error(f"TargetModel {target!r} is not a valid model path")
+    return str(path)
+
+
+def model_name(source_uri: str, target: str) -> str:
+    """The folder and TorchServe name of a target: a hash, as SageMaker names them."""
+    return hashlib.sha256(f"{source_uri}\0{target}".encode()).hexdigest()[:32]
+
+
+# ---------------------------------------------------------------------------------------------
+# HTTP
+
+
+def create_app(endpoint: Endpoint) -> Any:
+    from starlette.applications import Starlette
+    from starlette.concurrency import run_in_threadpool
+    from starlette.requests import Request
+    from starlette.responses import Response
+    from starlette.routing import Route
+
+    async def invocations(request: Request) -> Response:
+        request_id = str(uuid.uuid4())
+        body = await request.body()
+        try:
+            reply = await run_in_threadpool(
+                endpoint.invoke,
+                request.path_params["endpoint_name"],
+                request.headers.get("x-amzn-sagemaker-target-model"),
+                body,
+                request.headers.get("content-type", "application/octet-stream"),
+            )
+        except SageMakerError as error:
+            return Response(
+                error.body(),
+                status_code=error.status,
+                media_type="application/json",
+                headers={"x-amzn-ErrorType": error.code, "x-amzn-RequestId": request_id},
+            )
+        return Response(
+            reply.body,
+            media_type=reply.content_type or "application/json",
+            headers={
+                "x-Amzn-Invoked-Production-Variant": "AllTraffic",
+                "x-amzn-RequestId": request_id,
+            },
+        )
+
+    async def metrics(request: Request) -> Response:
+        return Response(endpoint.metrics.text(), media_type="text/plain; version=0.0.4")
+
+    return Starlette(
+        routes=[
+            Route("/endpoints/{endpoint_name}/invocations", invocations, methods=["POST"]),
+            Route("/metrics", metrics, methods=["GET"]),
+        ]
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> int:
+    import uvicorn
+
+    from scripts.archive import DEFAULT_STORE, archive_models
+    from scripts.examples import write_requests
+    from scripts.serve import (
+        NativeRuntime,
+        Ports,
+        ServeError,
+        check_port_free,
+        free_ports,
+        interrupt,
+        render_profile,
+        shut_down,
+    )
+
+    parser = argparse.ArgumentParser(
+        prog="python -m scripts.mme",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--source",
+        default=os.environ.get("MME_SOURCE") or str(DEFAULT_STORE),
+        help="folder or s3://bucket/prefix holding <model>.tar.gz",
+    )
+    parser.add_argument("--endpoint-name", default="mmekit-local")
+    parser.add_argument("--port", type=int, default=int(os.environ.get("MME_PORT", "8090")))
+    parser.add_argument(
+        "--memory-budget-mb",
+        type=float,
+        default=None,
+        help="evict least-recently-used models past this (extracted size)",
+    )
+    parser.add_argument("--s3-endpoint-url", default=os.environ.get("S3_ENDPOINT_URL"))
+    parser.add_argument("--root", type=Path, default=PROJECT_ROOT / ".mmekit" / "mme")
+    args = parser.parse_args(argv)
+
+    logging.basicConfig(level=logging.INFO, format="[mme] %(message)s")
+    if args.source.startswith("s3://"):
+        source: LocalSource | S3Source = S3Source(
+            args.source, lambda: make_s3_client(args.s3_endpoint_url)
+        )
+    else:
+        if Path(args.source).resolve() == DEFAULT_STORE.resolve():
+            archive_models()  # the model store is built from the project, as for serve-local
+        source = LocalSource(Path(args.source))
+    # TorchServe behind the emulator is internal: any free loopback ports will do
+    api_port, metrics_port, grpc_inference, grpc_management = free_ports(4)
+    torchserve_ports = Ports(api_port, api_port, metrics_port, grpc_inference, grpc_management)
+    try:
+        check_port_free(args.port, "emulator", "MME_PORT")
+    except ServeError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    run_dir = args.root / "torchserve"
+    run_dir.mkdir(parents=True, exist_ok=True)
+    models_root = args.root / "opt" / "ml" / "models"
+    models_root.mkdir(parents=True, exist_ok=True)
+    config = run_dir / "config.properties"
+    config.write_text(render_profile("sagemaker", torchserve_ports, models_root))
+    runtime = NativeRuntime(run_dir, models_root)
+    process = runtime.start(config, [], foreground=True)
+    endpoint = Endpoint(
+        name=args.endpoint_name,
+        source=source,
+        models_dir=models_root,
+        downloads_dir=args.root / "downloads",
+        torchserve=TorchServeClient(f"http://127.0.0.1:{torchserve_ports.inference}"),
+        memory_budget_bytes=(
+            int(args.memory_budget_mb * 1e6) if args.memory_budget_mb is not None else None
+        ),
+    )
+    write_requests(args.root / "requests")
+    print(usage(args.port, args.endpoint_name, args.root / "requests"), flush=True)
+    # uvicorn re-raises SIGINT/SIGTERM after its own shutdown; turn that into an exception so
+    # the TorchServe behind it is stopped too
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, interrupt)
+    try:
+        uvicorn.run(create_app(endpoint), host="127.0.0.1", port=args.port, log_level="warning")
+    except KeyboardInterrupt:
+        pass
+    finally:
+        endpoint.close()
+        shut_down(runtime, process)
+    return 0
+
+
+def usage(port: int, endpoint_name: str, requests_dir: Path) -> str:
+    request_file = os.path.relpath(requests_dir / "sam.json", PROJECT_ROOT)
+    return "\n".join(
+        [
+            f"Local multi-model endpoint {endpoint_name!r} on http://127.0.0.1:{port}",
+            "  import boto3",
+            f'  runtime = boto3.client("sagemaker-runtime", endpoint_url="http://127.0.0.1:{port}",',
+            '                         region_name="us-east-1", aws_access_key_id="local",',
+            '                         aws_secret_access_key="local")',
+            f'  runtime.invoke_endpoint(EndpointName="{endpoint_name}", TargetModel="sam.tar.gz",',
+            '                          ContentType="application/json",',
+            f'                          Body=open("{request_file}", "rb").read())',
+            f"Metrics: http://127.0.0.1:{port}/metrics",
+        ]
+    )
+
+
+if __name__ == "__main__":
+    sys.exit(main())

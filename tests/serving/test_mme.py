@@ -1,0 +1,381 @@
+"""The local multi-model endpoint, driven by an unmodified boto3 sagemaker-runtime client."""
+
+from __future__ import annotations
+
+import json
+import tarfile
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import boto3
+import pytest
+import requests
+import uvicorn
+from botocore.config import Config
+from botocore.exceptions import ClientError
+
+from scripts.examples import requests as example_requests
+from scripts.mme import (
+    MAX_BODY_BYTES,
+    Endpoint,
+    LocalSource,
+    Reply,
+    S3Source,
+    TorchServeClient,
+    create_app,
+    make_s3_client,
+    model_name,
+)
+from scripts.serve import free_ports
+from tests.serving.conftest import Server
+
+ENDPOINT = "mmekit-test"
+MODELS = ("sam.tar.gz", "lama.tar.gz", "sd.tar.gz")
+
+
+@dataclass
+class Emulator:
+    endpoint: Endpoint
+    url: str
+
+    def client(self):
+        return boto3.client(
+            "sagemaker-runtime",
+            endpoint_url=self.url,
+            region_name="us-east-1",
+            aws_access_key_id="testing",
+            aws_secret_access_key="testing",
+            config=Config(retries={"total_max_attempts": 1}, read_timeout=300),
+        )
+
+    def invoke(self, target: str, body: dict | bytes, endpoint: str = ENDPOINT) -> dict:
+        data = body if isinstance(body, bytes) else json.dumps(body).encode()
+        reply = self.client().invoke_endpoint(
+            EndpointName=endpoint, TargetModel=target, ContentType="application/json", Body=data
+        )
+        return json.loads(reply["Body"].read())
+
+    def error(self, target: str | None, body: dict | bytes, endpoint: str = ENDPOINT) -> dict:
+        data = body if isinstance(body, bytes) else json.dumps(body).encode()
+        arguments = {"EndpointName": endpoint, "ContentType": "application/json", "Body": data}
+        if target is not None:
+            arguments["TargetModel"] = target
+        with pytest.raises(ClientError) as raised:
+            self.client().invoke_endpoint(**arguments)
+        return raised.value.response
+
+
+def serve_endpoint(endpoint: Endpoint) -> Iterator[Emulator]:
+    """The emulator's app on a free loopback port, in a thread, stopped afterwards."""
+    (port,) = free_ports(1)
+    server = uvicorn.Server(
+        uvicorn.Config(create_app(endpoint), host="127.0.0.1", port=port, log_level="warning")
+    )
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        assert time.monotonic() < deadline, "the emulator did not start"
+        time.sleep(0.05)
+    try:
+        yield Emulator(endpoint, f"http://127.0.0.1:{port}")
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+        for target in list(endpoint.loaded):
+            endpoint.unload(target)
+        endpoint.close()
+
+
+def make_endpoint(server: Server, source, downloads: Path) -> Endpoint:
+    return Endpoint(
+        name=ENDPOINT,
+        source=source,
+        models_dir=server.store,  # SageMaker's /opt/ml/models is TorchServe's model store
+        downloads_dir=downloads,
+        torchserve=TorchServeClient(server.url),
+        not_ready_after_s=120,
+    )
+
+
+@pytest.fixture(scope="module")
+def mme(sagemaker_server: Server, tiny_store: Path, tmp_path_factory) -> Iterator[Emulator]:
+    endpoint = make_endpoint(
+        sagemaker_server, LocalSource(tiny_store), tmp_path_factory.mktemp("mme-downloads")
+    )
+    yield from serve_endpoint(endpoint)
+
+
+@pytest.fixture
+def fresh(mme: Emulator) -> Iterator[Emulator]:
+    """No model loaded, default knobs; whatever a test changes is put back."""
+    for target in list(mme.endpoint.loaded):
+        mme.endpoint.unload(target)
+    knobs = (
+        mme.endpoint.memory_budget_bytes,
+        mme.endpoint.not_ready_after_s,
+        mme.endpoint.invocation_timeout_s,
+        mme.endpoint.torchserve,
+    )
+    yield mme
+    (
+        mme.endpoint.memory_budget_bytes,
+        mme.endpoint.not_ready_after_s,
+        mme.endpoint.invocation_timeout_s,
+        mme.endpoint.torchserve,
+    ) = knobs
+
+
+def requests_by_target(sd_steps: int = 2) -> dict[str, dict]:
+    bodies = example_requests(sd_steps=sd_steps)
+    return {f"{model}.tar.gz": body for model, body in bodies.items()}
+
+
+def sample(mme: Emulator, name: str) -> float:
+    return mme.endpoint.metrics.registry.get_sample_value(name) or 0.0
+
+
+def extracted_size(tarball: Path) -> int:
+    with tarfile.open(tarball) as archive:
+        return sum(member.size for member in archive.getmembers() if member.isfile())
+
+
+# -- loading and caching ---------------------------------------------------------------------
+
+
+def test_first_invocation_loads_the_model_then_it_is_a_cache_hit(fresh: Emulator):
+    body = requests_by_target()["lama.tar.gz"]
+    hits, count = sample(fresh, "ModelCacheHit_sum"), sample(fresh, "ModelCacheHit_count")
+    assert "generated_image" in fresh.invoke("lama.tar.gz", body)
+    assert "generated_image" in fresh.invoke("lama.tar.gz", body)
+    assert sample(fresh, "ModelCacheHit_count") - count == 2
+    assert sample(fresh, "ModelCacheHit_sum") - hits == 1  # the miss, then the hit
+    name = model_name(fresh.endpoint.source.uri, "lama.tar.gz")
+    assert (fresh.endpoint.models_dir / name / "model").is_dir()  # SageMaker's layout
+    assert sample(fresh, "LoadedModelCount") == 1
+
+
+def test_target_with_a_leading_slash_is_the_same_model(fresh: Emulator):
+    body = requests_by_target()["sam.tar.gz"]
+    fresh.invoke("sam.tar.gz", body)
+    fresh.invoke("/sam.tar.gz", body)  # as the AWS sample's client sends it
+    assert list(fresh.endpoint.loaded) == ["sam.tar.gz"]
+
+
+def test_all_three_models_answer_through_boto3(fresh: Emulator):
+    for target, body in requests_by_target().items():
+        assert "generated_image" in fresh.invoke(target, body)
+
+
+def test_a_model_already_registered_in_torchserve_is_used_409_and_all(
+    fresh: Emulator, tiny_store: Path
+):
+    name = model_name(fresh.endpoint.source.uri, "sam.tar.gz")
+    folder = fresh.endpoint.models_dir / name / "model"
+    folder.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(tiny_store / "sam.tar.gz") as archive:
+        archive.extractall(folder, filter="data")
+    direct = requests.post(
+        f"{fresh.endpoint.torchserve.url}/models",
+        json={"model_name": name, "url": str(folder)},
+        timeout=120,
+    )
+    assert direct.status_code in (200, 202)
+    assert "generated_image" in fresh.invoke("sam.tar.gz", requests_by_target()["sam.tar.gz"])
+
+
+def test_unloading_deletes_the_model_from_torchserve(fresh: Emulator):
+    body = requests_by_target()["lama.tar.gz"]
+    fresh.invoke("lama.tar.gz", body)
+    name = model_name(fresh.endpoint.source.uri, "lama.tar.gz")
+    assert fresh.endpoint.torchserve.describe(name).status == 200
+    fresh.endpoint.unload("lama.tar.gz")
+    assert fresh.endpoint.torchserve.describe(name).status == 404
+    assert fresh.endpoint.loaded == {}
+    hits = sample(fresh, "ModelCacheHit_sum")
+    assert "generated_image" in fresh.invoke("lama.tar.gz", body)  # loaded again
+    assert sample(fresh, "ModelCacheHit_sum") == hits
+
+
+def test_least_recently_used_model_is_evicted_past_the_memory_budget(
+    fresh: Emulator, tiny_store: Path
+):
+    sizes = {target: extracted_size(tiny_store / target) for target in MODELS}
+    fresh.endpoint.memory_budget_bytes = sum(sizes.values()) - 1  # room for two of three
+    bodies = requests_by_target()
+    fresh.invoke("sam.tar.gz", bodies["sam.tar.gz"])
+    fresh.invoke("lama.tar.gz", bodies["lama.tar.gz"])
+    fresh.invoke("sam.tar.gz", bodies["sam.tar.gz"])  # lama is now the least recent
+    fresh.invoke("sd.tar.gz", bodies["sd.tar.gz"])
+    assert list(fresh.endpoint.loaded) == ["sam.tar.gz", "sd.tar.gz"]
+    lama = model_name(fresh.endpoint.source.uri, "lama.tar.gz")
+    assert fresh.endpoint.torchserve.describe(lama).status == 404
+
+
+class InsufficientMemoryOnce:
+    """TorchServe's client, answering 507 the first time `call` is made."""
+
+    def __init__(self, real: TorchServeClient, call: str) -> None:
+        self.real, self.call, self.refused = real, call, 0
+
+    def __getattr__(self, name: str):
+        method = getattr(self.real, name)
+        if name != self.call:
+            return method
+
+        def refuse_once(*args, **kwargs):
+            if not self.refused:
+                self.refused += 1
+                return Reply(507, b'{"code": 507, "message": "Out of resources"}')
+            return method(*args, **kwargs)
+
+        return refuse_once
+
+
+@pytest.mark.parametrize("call", ["register", "invoke"])
+def test_a_507_evicts_the_least_recent_model_and_retries_once(fresh: Emulator, call: str):
+    bodies = requests_by_target()
+    fresh.invoke("sam.tar.gz", bodies["sam.tar.gz"])
+    fresh.invoke("lama.tar.gz", bodies["lama.tar.gz"])
+    flaky = InsufficientMemoryOnce(fresh.endpoint.torchserve, call)
+    fresh.endpoint.torchserve = flaky
+    assert "generated_image" in fresh.invoke("sd.tar.gz", bodies["sd.tar.gz"])
+    assert flaky.refused == 1
+    assert "sam.tar.gz" not in fresh.endpoint.loaded  # the least recent one made room
+
+
+def test_a_load_still_running_is_model_not_ready_and_keeps_loading(fresh: Emulator):
+    fresh.endpoint.not_ready_after_s = 0.001
+    body = requests_by_target()["sd.tar.gz"]
+    response = fresh.error("sd.tar.gz", body)
+    assert response["Error"]["Code"] == "ModelNotReadyException"
+    assert response["ResponseMetadata"]["HTTPStatusCode"] == 429
+    deadline = time.monotonic() + 120
+    while "sd.tar.gz" not in fresh.endpoint.loaded:
+        assert time.monotonic() < deadline, "the load did not go on"
+        time.sleep(0.2)
+    assert "generated_image" in fresh.invoke("sd.tar.gz", body)
+
+
+# -- SageMaker's errors ----------------------------------------------------------------------
+
+
+def test_container_errors_are_model_errors_with_the_original_status(fresh: Emulator):
+    response = fresh.error("sam.tar.gz", {"image": "%%%", "gen_args": {}})
+    assert response["Error"]["Code"] == "ModelError"
+    assert response["ResponseMetadata"]["HTTPStatusCode"] == 424
+    assert response["OriginalStatusCode"] == 400
+    assert json.loads(response["OriginalMessage"])["error"] == "invalid_base64"
+    assert "Received client error (400) from primary" in response["Error"]["Message"]
+    assert response["LogStreamArn"].startswith("arn:aws:logs:")
+
+
+def test_an_invocation_over_the_time_limit_is_a_model_error(fresh: Emulator):
+    body = requests_by_target(sd_steps=20)["sd.tar.gz"]
+    fresh.invoke("sd.tar.gz", requests_by_target()["sd.tar.gz"])  # loaded first
+    fresh.endpoint.invocation_timeout_s = 0.2
+    response = fresh.error("sd.tar.gz", body)
+    assert response["Error"]["Code"] == "ModelError"
+    assert "timed out" in response["Error"]["Message"]
+
+
+def test_a_body_over_6_mb_is_a_validation_error(fresh: Emulator):
+    response = fresh.error("sam.tar.gz", b"x" * (MAX_BODY_BYTES + 1))
+    assert response["Error"]["Code"] == "ValidationError"
+    assert response["ResponseMetadata"]["HTTPStatusCode"] == 400
+    assert fresh.endpoint.loaded == {}  # refused before any model work
+
+
+@pytest.mark.parametrize(
+    "target, endpoint, words",
+    [
+        ("nope.tar.gz", ENDPOINT, "Failed to download model data"),
+        ("../sam.tar.gz", ENDPOINT, "not a valid model path"),
+        (None, ENDPOINT, "TargetModel is required"),
+        ("sam.tar.gz", "other-endpoint", "Endpoint other-endpoint of account"),
+    ],
+)
+def test_unknown_targets_and_endpoints_are_validation_errors(fresh, target, endpoint, words):
+    response = fresh.error(target, {"image": "x"}, endpoint=endpoint)
+    assert response["Error"]["Code"] == "ValidationError"
+    assert words in response["Error"]["Message"]
+
+
+# -- sources and layouts ---------------------------------------------------------------------
+
+
+def test_a_flat_tarball_loads_like_one_with_a_root_folder(
+    sagemaker_server: Server, tiny_store: Path, tmp_path: Path
+):
+    flat = tmp_path / "flat"
+    unpacked = tmp_path / "unpacked"
+    with tarfile.open(tiny_store / "lama.tar.gz") as archive:
+        archive.extractall(unpacked, filter="data")
+    flat.mkdir()
+    with tarfile.open(flat / "lama.tar.gz", "w:gz") as archive:  # the blog's `tar czf . `
+        for path in sorted((unpacked / "lama").iterdir()):
+            archive.add(path, arcname=path.name)
+    endpoint = make_endpoint(sagemaker_server, LocalSource(flat), tmp_path / "downloads")
+    for emulator in serve_endpoint(endpoint):
+        assert "generated_image" in emulator.invoke(
+            "lama.tar.gz", requests_by_target()["lama.tar.gz"]
+        )
+
+
+def test_an_s3_prefix_is_a_model_source(
+    sagemaker_server: Server, tiny_store: Path, tmp_path, monkeypatch
+):
+    from moto.server import ThreadedMotoServer
+
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")  # moto accepts any; boto3 needs some
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+
+    (port,) = free_ports(1)
+    moto = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    moto.start()
+    try:
+        s3_url = f"http://127.0.0.1:{port}"
+        s3 = make_s3_client(s3_url)
+        s3.create_bucket(Bucket="mmekit-models")
+        s3.upload_file(str(tiny_store / "sam.tar.gz"), "mmekit-models", "prefix/sam.tar.gz")
+        source = S3Source("s3://mmekit-models/prefix", lambda: make_s3_client(s3_url))
+        endpoint = make_endpoint(sagemaker_server, source, tmp_path / "downloads")
+        for emulator in serve_endpoint(endpoint):
+            reply = emulator.invoke("sam.tar.gz", requests_by_target()["sam.tar.gz"])
+            assert "generated_image" in reply
+            missing = emulator.error("lama.tar.gz", {"image": "x"})
+            assert "Failed to download model data" in missing["Error"]["Message"]
+    finally:
+        moto.stop()
+
+
+def test_metrics_are_prometheus_text(fresh: Emulator):
+    fresh.invoke("sam.tar.gz", requests_by_target()["sam.tar.gz"])
+    text = requests.get(f"{fresh.url}/metrics", timeout=10).text
+    for name in (
+        "ModelCacheHit_sum",
+        "ModelLoadingWaitTime_seconds_count",
+        "LoadedModelCount",
+        "ModelLoadingTime_seconds_sum",
+        'Invocations_total{outcome="ok"}',
+    ):
+        assert name in text, name
+
+
+# -- parity ----------------------------------------------------------------------------------
+
+
+def test_boto3_through_the_emulator_matches_torchserve_directly(
+    fresh: Emulator, local_server: Server
+):
+    for target, body in requests_by_target().items():
+        model = target.removesuffix(".tar.gz")
+        payload = json.dumps(body)
+        for _ in range(2):  # the second SAM call hits the embedding cache on both sides
+            via_emulator = fresh.invoke(target, payload.encode())
+            direct = local_server.predict(model, payload)
+        assert direct.status_code == 200
+        assert via_emulator == direct.json(), model
