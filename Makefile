@@ -6,7 +6,7 @@ VENV_PY := .venv/bin/python
 SETUP := $(PYTHON) -m scripts.bootstrap
 
 .DEFAULT_GOAL := help
-.PHONY: help setup weights fetch-weights archive serve-local serve-mme stop token test test-handlers test-slow lint
+.PHONY: help setup weights fetch-weights archive serve-local serve-mme image stop token test test-handlers test-slow lint
 
 help: ## list the targets
 	@$(PYTHON) -m scripts.make_help Makefile
@@ -23,11 +23,14 @@ fetch-weights: ## download the real checkpoints into weights/full (SHA-256 pinne
 archive: ## build model_store/<model>.tar.gz + manifest.json, reproducibly (TIER=auto|tiny|full)
 	@$(SETUP) && $(VENV_PY) -m scripts.archive --tier $(or $(TIER),auto)
 
-serve-local: ## set up, archive and serve all three models on 127.0.0.1 (DETACH=1: background)
+serve-local: ## set up, archive and serve all three models on 127.0.0.1 (DETACH=1, RUNTIME=native|compose)
 	@$(SETUP) && $(VENV_PY) -m scripts.serve start
 
 serve-mme: ## a local SageMaker multi-model endpoint for boto3 (MME_PORT=8090, MME_SOURCE=s3://...)
 	@$(SETUP) && $(VENV_PY) -m scripts.mme
+
+image: ## docker build the serving image, tagged mmekit:<git sha> (says so where no engine exists)
+	@$(SETUP) && $(VENV_PY) -m scripts.image build
 
 stop: ## stop a server started with DETACH=1
 	@$(SETUP) && $(VENV_PY) -m scripts.serve stop

@@ -1,0 +1,118 @@
+"""Build the serving image where a Docker engine is reachable.
+
+    python -m scripts.image build [--push]
+
+Tags the image `mmekit:<short git sha>`. `--push` also tags and pushes it as
+`$IMAGE_REPOSITORY:<sha>` (e.g. <account>.dkr.ecr.<region>.amazonaws.com/mmekit, logged in
+beforehand). `BASE_IMAGE` and `TORCH_INDEX_URL`, when set, are passed on as build arguments.
+Where no engine is reachable it says so in one line and exits 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+
+from scripts import PROJECT_ROOT
+
+NO_ENGINE = (
+    "no Docker engine reachable here (`docker info` failed): use `make serve-local` natively, "
+    "or build on a machine with Docker; or pass IMAGE_URI= to promote an existing image"
+)
+BUILD_ARGS = ("BASE_IMAGE", "TORCH_INDEX_URL")
+
+
+def docker(*args: str, timeout: float = 30.0) -> subprocess.CompletedProcess[str] | None:
+    """`docker ARGS`, captured; None when there is no docker CLI or it hangs."""
+    try:
+        return subprocess.run(
+            ["docker", *args], capture_output=True, text=True, timeout=timeout, check=False
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+
+
+def engine_reachable() -> bool:
+    result = docker("info")
+    return result is not None and result.returncode == 0
+
+
+def available() -> bool:
+    """An engine whose runtimes include NVIDIA's: what the compose runtime needs for a GPU."""
+    result = docker("info", "--format", "{{json .Runtimes}}")
+    if result is None or result.returncode != 0:
+        return False
+    try:
+        runtimes = json.loads(result.stdout)
+    except json.JSONDecodeError:
+        return False
+    return isinstance(runtimes, dict) and any("nvidia" in name for name in runtimes)
+
+
+def git_sha() -> str:
+    result = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"],
+        cwd=PROJECT_ROOT,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if result.returncode != 0:
+        raise RuntimeError(f"`git rev-parse` failed: {result.stderr.strip()}")
+    return result.stdout.strip()
+
+
+def build_command(tag: str, environ: dict[str, str]) -> list[str]:
+    command = ["docker", "build", "--tag", tag]
+    for name in BUILD_ARGS:
+        if environ.get(name):
+            command += ["--build-arg", f"{name}={environ[name]}"]
+    return [*command, str(PROJECT_ROOT)]
+
+
+def build(push: bool, environ: dict[str, str] | None = None) -> int:
+    environ = dict(os.environ if environ is None else environ)
+    if not engine_reachable():
+        print(NO_ENGINE, file=sys.stderr)
+        return 2
+    repository = environ.get("IMAGE_REPOSITORY", "")
+    if push and not repository:
+        print("error: --push needs IMAGE_REPOSITORY=<registry>/<name>", file=sys.stderr)
+        return 1
+    try:
+        tag = f"mmekit:{git_sha()}"
+    except RuntimeError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    if subprocess.run(build_command(tag, environ), check=False).returncode != 0:
+        print(f"error: `docker build` failed for {tag}", file=sys.stderr)
+        return 1
+    print(f"built {tag}", flush=True)
+    if push:
+        remote = f"{repository}:{tag.split(':', 1)[1]}"
+        for command in (["docker", "tag", tag, remote], ["docker", "push", remote]):
+            if subprocess.run(command, check=False).returncode != 0:
+                print(f"error: `{' '.join(command)}` failed", file=sys.stderr)
+                return 1
+        print(f"IMAGE_URI={remote}", flush=True)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m scripts.image",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+    build_parser = commands.add_parser("build", help="docker build, tagged mmekit:<git sha>")
+    build_parser.add_argument("--push", action="store_true", help="push to $IMAGE_REPOSITORY")
+    args = parser.parse_args(argv)
+    return build(args.push)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
