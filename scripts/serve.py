@@ -6,8 +6,14 @@ with the very tarballs that get promoted. It waits until every model answers a r
 then prints curl lines that work as printed.
 
     python -m scripts.serve start [--detach] [--tier auto|tiny|full] [--profile local]
+                                  [--runtime auto|native|compose]
     python -m scripts.serve stop
     python -m scripts.serve token [--management]
+
+Runtimes (RUNTIME=...): `compose` runs the serving image with docker compose (compose.yaml) and
+needs a Docker engine with NVIDIA's runtime; `native` runs TorchServe from the venv with Java 17;
+`auto` (the default) takes compose where it is available, native otherwise. Both serve the same
+tarballs with the same `local` profile and print the same curl lines.
 
 Ports come from the environment: INFERENCE_PORT (8080), MANAGEMENT_PORT (8081),
 METRICS_PORT (8082), GRPC_INFERENCE_PORT (7070), GRPC_MANAGEMENT_PORT (7071).
@@ -36,6 +42,8 @@ from scripts.examples import write_requests
 from scripts.weights import DEFAULT_ROOT, MODELS
 
 RUN_DIR = PROJECT_ROOT / ".mmekit"  # TorchServe's working folder: key_file.json, logs/, pid
+COMPOSE_FILE = PROJECT_ROOT / "compose.yaml"
+COMPOSE_SERVICE = "torchserve"
 PROFILES = {"local": "local.properties", "sagemaker": "sagemaker.properties"}
 
 
@@ -136,6 +144,11 @@ class NativeRuntime:
 
     name = "native"
 
+    @property
+    def key_dir(self) -> Path:
+        """Where TorchServe writes key_file.json."""
+        return self.run_dir
+
     def environment(self) -> dict[str, str]:
         # A private temp dir: TorchServe keeps its pid file there, so two instances (tests,
         # a dev server) never mistake each other for "already running".
@@ -215,7 +228,140 @@ class NativeRuntime:
         return "has stopped" in result.stdout + result.stderr
 
 
-RUNTIMES = {"native": NativeRuntime}
+@dataclass
+class ComposeRuntime:
+    """The serving image under docker compose (compose.yaml), on a workstation with a GPU.
+
+    The container renders the same `local` profile itself (scripts/container.py local) with the
+    same tarballs, mounted read-only from model_store/; its ports are published on the host's
+    loopback at INFERENCE_PORT/MANAGEMENT_PORT/METRICS_PORT, so the curl lines are the same."""
+
+    run_dir: Path
+    model_store: Path
+
+    name = "compose"
+
+    @property
+    def key_dir(self) -> Path:
+        """The folder compose.yaml mounts as the container's run folder."""
+        return self.run_dir / "compose"
+
+    def environment(self, ports: Ports | None = None) -> dict[str, str]:
+        env = dict(os.environ)
+        if ports is not None:
+            env.update(
+                INFERENCE_PORT=str(ports.inference),
+                MANAGEMENT_PORT=str(ports.management),
+                METRICS_PORT=str(ports.metrics),
+            )
+        # The container runs as the host user: key_file.json and logs stay readable here.
+        env.setdefault("MMEKIT_UID", str(os.getuid()))
+        env.setdefault("MMEKIT_GID", str(os.getgid()))
+        return env
+
+    def compose(self, *args: str) -> list[str]:
+        return [
+            "docker", "compose", "--project-directory", str(PROJECT_ROOT),
+            "--file", str(COMPOSE_FILE), *args,
+        ]  # fmt: skip
+
+    def command(self, config: Path, models: list[str], foreground: bool) -> list[str]:
+        # `config` and `models` are not passed on: the container renders the local profile and
+        # serves every tarball in the mounted store (scripts/container.py local).
+        return self.compose("up", "--build", *([] if foreground else ["--detach"]))
+
+    def start(
+        self,
+        config: Path,
+        models: list[str],
+        foreground: bool,
+        log: IO[bytes] | None = None,
+        ports: Ports | None = None,
+    ) -> subprocess.Popen:
+        if self.model_store.resolve() != DEFAULT_STORE.resolve():
+            raise ServeError(
+                f"the compose runtime serves {DEFAULT_STORE} (compose.yaml mounts it), "
+                f"not {self.model_store}: use RUNTIME=native for another store"
+            )
+        self.key_dir.mkdir(parents=True, exist_ok=True)  # owned by the host user, not root
+        return subprocess.Popen(
+            self.command(config, models, foreground),
+            cwd=PROJECT_ROOT,
+            env=self.environment(ports),
+            stdout=log,
+            stderr=subprocess.STDOUT if log else None,
+            start_new_session=True,
+        )
+
+    def running_pid(self) -> int | None:
+        """The pid (on the host) of the running serving container, if any."""
+        listed = self.run(*self.compose("ps", "--quiet", "--status", "running", COMPOSE_SERVICE))
+        container = listed.stdout.strip() if listed else ""
+        if not listed or listed.returncode != 0 or not container:
+            return None
+        inspected = self.run(
+            "docker", "inspect", "--format", "{{.State.Pid}}", container.splitlines()[0]
+        )
+        pid = inspected.stdout.strip() if inspected else ""
+        running = inspected is not None and inspected.returncode == 0 and pid.isdigit()
+        return int(pid) if running and int(pid) else None
+
+    def run(self, *command: str, timeout: float = 30.0) -> subprocess.CompletedProcess | None:
+        """A docker command, captured; None when there is no docker CLI or it hangs."""
+        try:
+            return subprocess.run(
+                command,
+                env=self.environment(),
+                capture_output=True,
+                text=True,
+                timeout=timeout,
+                check=False,
+            )
+        except (OSError, subprocess.TimeoutExpired):
+            return None
+
+    def stop(self, timeout: float = 60.0) -> bool:
+        """`docker compose down`: SIGTERM, then compose.yaml's stop_grace_period. True if a
+        container was running."""
+        was_running = self.running_pid() is not None
+        self.run(*self.compose("down"), timeout=timeout)
+        return was_running
+
+
+RUNTIMES = {"native": NativeRuntime, "compose": ComposeRuntime}
+ACTIVE_RUNTIME = "runtime"  # in RUN_DIR: which runtime `make serve-local` started last
+
+
+def choose_runtime(requested: str) -> str:
+    """`auto`: compose where a Docker engine with NVIDIA's runtime answers, native otherwise.
+    An explicit `compose` without an engine is an error that says what to do."""
+    from scripts import image
+
+    if requested == "native":
+        return "native"
+    if requested == "compose":
+        if not image.engine_reachable():
+            raise ServeError(f"RUNTIME=compose: {image.NO_ENGINE}")
+        return "compose"
+    if image.available():
+        print("[serve] runtime: compose (Docker engine with NVIDIA's runtime)", flush=True)
+        return "compose"
+    reason = (
+        "a Docker engine without NVIDIA's runtime"
+        if image.engine_reachable()
+        else "no Docker engine"
+    )
+    print(f"[serve] runtime: native ({reason}; RUNTIME=compose|native overrides)", flush=True)
+    return "native"
+
+
+def active_runtime(run_dir: Path, store: Path = DEFAULT_STORE) -> NativeRuntime | ComposeRuntime:
+    """The runtime the last `serve start` from this run folder used (native if none)."""
+    try:
+        name = (run_dir / ACTIVE_RUNTIME).read_text().strip()
+    except OSError:
+        name = "native"
+    return RUNTIMES.get(name, NativeRuntime)(run_dir, store)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -315,7 +461,7 @@ def interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt  # SIGTERM/SIGHUP: shut TorchServe down the same way as Ctrl-C
 
 
-def shut_down(runtime: NativeRuntime, process: subprocess.Popen) -> None:
+def shut_down(runtime: NativeRuntime | ComposeRuntime, process: subprocess.Popen) -> None:
     """Stop the server and its launcher process."""
     runtime.stop()
     if process.poll() is None:
@@ -328,15 +474,22 @@ def shut_down(runtime: NativeRuntime, process: subprocess.Popen) -> None:
 
 def start(args: argparse.Namespace) -> int:
     run_dir, store = args.run_dir, args.store.resolve()
-    runtime = RUNTIMES[args.runtime](run_dir, store)
-    running = runtime.running_pid()
+    previous = active_runtime(run_dir, store)
+    running = previous.running_pid()
     if running is not None:  # its key file, config and pid file live in this run folder
-        raise ServeError(f"an mmekit server is already running (pid {running}): `make stop` first")
+        raise ServeError(
+            f"an mmekit server is already running ({previous.name}, pid {running}): "
+            "`make stop` first"
+        )
+    runtime = RUNTIMES[choose_runtime(args.runtime)](run_dir, store)
+    if runtime.name == "compose" and args.profile != "local":
+        raise ServeError("the compose runtime serves the `local` profile; use RUNTIME=native")
     ports = Ports.from_env()
     check_ports_free(ports, args.profile)
     prepare_archives(args.tier, args.weights, store)
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "key_file.json").unlink(missing_ok=True)  # a fresh server writes fresh keys
+    (run_dir / ACTIVE_RUNTIME).write_text(runtime.name + "\n")
+    (runtime.key_dir / "key_file.json").unlink(missing_ok=True)  # fresh server, fresh keys
     config = run_dir / "config.properties"
     config.write_text(render_profile(args.profile, ports, store))
     examples = write_requests(run_dir / "requests")
@@ -348,12 +501,19 @@ def start(args: argparse.Namespace) -> int:
         (run_dir / "logs").mkdir(exist_ok=True)
         log = open(run_dir / "logs" / "console.log", "ab")  # noqa: SIM115 - the server owns it
         print(f"[serve] server output: {run_dir / 'logs' / 'console.log'}", flush=True)
-    process = runtime.start(config, list(MODELS), foreground=not args.detach, log=log)
+    start_options = {"ports": ports} if runtime.name == "compose" else {}
+    process = runtime.start(
+        config, list(MODELS), foreground=not args.detach, log=log, **start_options
+    )
     keep_running = False
     try:
         token = None
         if args.profile == "local":
-            token = wait_for_token(run_dir, process, foreground=not args.detach)
+            # compose builds the image first (minutes on a first run): wait as for readiness
+            timeout = 60.0 if runtime.name == "native" else 1800.0
+            token = wait_for_token(
+                runtime.key_dir, process, timeout=timeout, foreground=not args.detach
+            )
         wait_until_ready(
             f"http://127.0.0.1:{ports.inference}",
             token,
@@ -383,7 +543,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--run-dir", type=Path, default=RUN_DIR, help=argparse.SUPPRESS)
     commands = parser.add_subparsers(dest="command", required=True)
     start_parser = commands.add_parser("start", help="archive and serve all three models")
-    start_parser.add_argument("--runtime", choices=sorted(RUNTIMES), default="native")
+    start_parser.add_argument(
+        "--runtime",
+        choices=("auto", *sorted(RUNTIMES)),
+        default=os.environ.get("RUNTIME") or "auto",
+        help="compose where a Docker engine with a GPU runtime is present, else native",
+    )
     start_parser.add_argument("--profile", choices=sorted(PROFILES), default="local")
     start_parser.add_argument(
         "--tier",
@@ -406,10 +571,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "start":
             return start(args)
         if args.command == "stop":
-            stopped = NativeRuntime(args.run_dir, DEFAULT_STORE).stop()
+            stopped = active_runtime(args.run_dir).stop()
             print("stopped" if stopped else "no mmekit server was running")
             return 0
-        print(read_token(args.run_dir, "management" if args.management else "inference"))
+        key_dir = active_runtime(args.run_dir).key_dir
+        print(read_token(key_dir, "management" if args.management else "inference"))
         return 0
     except ServeError as error:
         print(f"error: {error}", file=sys.stderr)
