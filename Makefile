@@ -6,7 +6,7 @@ VENV_PY := .venv/bin/python
 SETUP := $(PYTHON) -m scripts.bootstrap
 
 .DEFAULT_GOAL := help
-.PHONY: help setup weights fetch-weights archive serve-local serve-mme image stop token test test-handlers test-slow lint
+.PHONY: help setup weights fetch-weights archive serve-local serve-mme image promote models teardown iam-policy stop token test test-handlers test-slow lint
 
 help: ## list the targets
 	@$(PYTHON) -m scripts.make_help Makefile
@@ -32,6 +32,18 @@ serve-mme: ## a local SageMaker multi-model endpoint for boto3 (MME_PORT=8090, M
 image: ## docker build the serving image, tagged mmekit:<git sha> (says so where no engine exists)
 	@$(SETUP) && $(VENV_PY) -m scripts.image build
 
+promote: ## the tested archives to a SageMaker multi-model endpoint (DRY_RUN=1: the plan only; IMAGE_URI=)
+	@$(SETUP) && $(VENV_PY) -m scripts.promote run $(PROMOTE_FLAGS)
+
+models: ## list the models (TargetModel names) the endpoint can serve
+	@$(SETUP) && $(VENV_PY) -m scripts.promote models
+
+teardown: ## delete the endpoint, its configs and models after a confirmation (S3 objects stay)
+	@$(SETUP) && $(VENV_PY) -m scripts.promote teardown $(PROMOTE_FLAGS)
+
+iam-policy: ## print least-privilege IAM policies for the execution role and the promoting user
+	@$(SETUP) && $(VENV_PY) -m scripts.promote iam-policy
+
 stop: ## stop a server started with DETACH=1
 	@$(SETUP) && $(VENV_PY) -m scripts.serve stop
 
@@ -41,8 +53,8 @@ token: ## print the inference token of the running local server (for curl)
 test: ## set up everything and run all fast tests (the command CI runs)
 	@$(SETUP) && $(VENV_PY) -m pytest
 
-test-handlers: ## the handler tests: in-process, and over HTTP against a real TorchServe
-	@$(SETUP) && $(VENV_PY) -m pytest tests/handlers tests/serving
+test-handlers: archive ## the handler tests, then model_store/'s archives over HTTP; records what passed
+	@$(VENV_PY) -m pytest tests/handlers tests/serving --store model_store
 
 test-slow: ## the slow tests too (full-size random models)
 	@$(SETUP) && $(VENV_PY) -m pytest --run-slow

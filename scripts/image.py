@@ -73,6 +73,28 @@ def build_command(tag: str, environ: dict[str, str]) -> list[str]:
     return [*command, str(PROJECT_ROOT)]
 
 
+def build_and_push(repository: str, environ: dict[str, str]) -> str | None:
+    """Build, tag as `<repository>:<sha>`, push; the pushed URI, or None after a failure
+    (docker's own output says why). `make promote` calls this when no IMAGE_URI is given."""
+    try:
+        tag = f"mmekit:{git_sha()}"
+    except RuntimeError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return None
+    if subprocess.run(build_command(tag, environ), check=False).returncode != 0:
+        print(f"error: `docker build` failed for {tag}", file=sys.stderr)
+        return None
+    print(f"built {tag}", flush=True)
+    if not repository:
+        return tag
+    remote = f"{repository}:{tag.split(':', 1)[1]}"
+    for command in (["docker", "tag", tag, remote], ["docker", "push", remote]):
+        if subprocess.run(command, check=False).returncode != 0:
+            print(f"error: `{' '.join(command)}` failed", file=sys.stderr)
+            return None
+    return remote
+
+
 def build(push: bool, environ: dict[str, str] | None = None) -> int:
     environ = dict(os.environ if environ is None else environ)
     if not engine_reachable():
@@ -82,22 +104,11 @@ def build(push: bool, environ: dict[str, str] | None = None) -> int:
     if push and not repository:
         print("error: --push needs IMAGE_REPOSITORY=<registry>/<name>", file=sys.stderr)
         return 1
-    try:
-        tag = f"mmekit:{git_sha()}"
-    except RuntimeError as error:
-        print(f"error: {error}", file=sys.stderr)
+    built = build_and_push(repository if push else "", environ)
+    if built is None:
         return 1
-    if subprocess.run(build_command(tag, environ), check=False).returncode != 0:
-        print(f"error: `docker build` failed for {tag}", file=sys.stderr)
-        return 1
-    print(f"built {tag}", flush=True)
     if push:
-        remote = f"{repository}:{tag.split(':', 1)[1]}"
-        for command in (["docker", "tag", tag, remote], ["docker", "push", remote]):
-            if subprocess.run(command, check=False).returncode != 0:
-                print(f"error: `{' '.join(command)}` failed", file=sys.stderr)
-                return 1
-        print(f"IMAGE_URI={remote}", flush=True)
+        print(f"IMAGE_URI={built}", flush=True)
     return 0
 
 

@@ -2,18 +2,43 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import json
+import os
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import boto3
 import pytest
+import requests
 import torch
 
+from scripts.serve import free_ports
 from scripts.weights import build_tier
 from tests.support import ServedModel, make_model_dir
+
+SERVING_TESTS = "tests/serving/"
+# What the serving tests did with which store: a run that served a store and passed whole is
+# recorded for `make promote`'s gate (scripts/promote.py: record_tested).
+serving_run = {"store": None, "passed": set(), "failed": 0, "deselected": 0}
+# The flows a promoted archive must have passed: local erase/replace, SageMaker's registration
+# and invoke path, and boto3 through the multi-model endpoint emulator.
+GATE_TESTS = {
+    "test_erase_flow_click_then_mask_then_lama",
+    "test_replace_flow_click_then_mask_then_sd",
+    "test_sagemaker_profile_serves_the_same_flows",
+    "test_boto3_through_the_emulator_matches_torchserve_directly",
+}
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption("--run-slow", action="store_true", help="also run tests marked slow")
+    parser.addoption(
+        "--store",
+        type=Path,
+        default=None,
+        help="serve this model store's archives in tests/serving (make test-handlers: "
+        "model_store) instead of freshly built tiny ones",
+    )
 
 
 @pytest.hookimpl(wrapper=True)
@@ -21,7 +46,29 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo) -> objec
     """Keep each phase's report on the test, so fixtures can tell a failure from a pass."""
     report = yield
     setattr(item, f"report_{report.when}", report)
+    if SERVING_TESTS in item.nodeid.replace("\\", "/"):
+        if report.failed:
+            serving_run["failed"] += 1
+        elif report.when == "call" and report.passed:
+            serving_run["passed"].add(item.originalname)
     return report
+
+
+def pytest_deselected(items: list[pytest.Item]) -> None:
+    serving_run["deselected"] += sum(SERVING_TESTS in item.nodeid for item in items)
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """The gate's flows passed and nothing failed: record the served archives' SHA-256."""
+    store = serving_run["store"]
+    complete = GATE_TESTS <= serving_run["passed"] and not serving_run["failed"]
+    if exitstatus != 0 or store is None or not complete or serving_run["deselected"]:
+        return
+    from scripts.promote import record_tested
+
+    summary = f"{len(serving_run['passed'])} serving tests passed"
+    recorded = record_tested(store, summary)
+    print(f"\nrecorded {len(recorded)} tested archive(s) from {store} for `make promote`")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -80,3 +127,56 @@ def lama(serve: Callable[..., ServedModel]) -> ServedModel:
 @pytest.fixture(scope="module")
 def sd(serve: Callable[..., ServedModel]) -> ServedModel:
     return serve("sd")
+
+
+# ---------------------------------------------------------------------------------------------
+# AWS on loopback: a moto server for S3, ECR, SageMaker and Application Auto Scaling
+
+BUCKET = "mmekit-test-bucket"
+ROLE = "arn:aws:iam::123456789012:role/mmekit-execution"
+IMAGE_TAG_URI = "123456789012.dkr.ecr.us-east-1.amazonaws.com/mmekit:v1"
+IMAGE = "123456789012.dkr.ecr.us-east-1.amazonaws.com/mmekit@sha256:" + "ab" * 32
+FAKE_SECRET = "mmekitFAKEsecretKEY/doNotLeak0123456789abcd"
+
+
+@pytest.fixture(scope="module")
+def moto_url() -> Iterator[str]:
+    from moto.server import ThreadedMotoServer
+
+    (port,) = free_ports(1)
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def aws(moto_url: str, monkeypatch: pytest.MonkeyPatch) -> str:
+    """A clean moto account with the bucket and an image in ECR; boto3 pointed at it."""
+    requests.post(f"{moto_url}/moto-api/reset", timeout=10)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", moto_url)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", FAKE_SECRET)
+    monkeypatch.delenv("AWS_PROFILE", raising=False)
+    monkeypatch.delenv("DRY_RUN", raising=False)
+    for name in list(os.environ):
+        if name.startswith("MMEKIT_"):
+            monkeypatch.delenv(name)
+    boto3.client("s3", region_name="us-east-1").create_bucket(Bucket=BUCKET)
+    ecr = boto3.client("ecr", region_name="us-east-1")
+    ecr.create_repository(repositoryName="mmekit")
+    image_manifest = {
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.docker.distribution.manifest.v2+json",
+        "config": {
+            "mediaType": "application/vnd.docker.container.image.v1+json",
+            "digest": "sha256:" + "1" * 64,
+            "size": 1,
+        },
+        "layers": [],
+    }
+    ecr.put_image(repositoryName="mmekit", imageManifest=json.dumps(image_manifest), imageTag="v1")
+    monkeypatch.setenv("IMAGE_URI", IMAGE_TAG_URI)
+    return moto_url

@@ -29,6 +29,7 @@ from scripts.serve import (
     wait_until_ready,
 )
 from scripts.weights import MODELS
+from tests.conftest import serving_run
 
 READY_TIMEOUT_S = 240
 
@@ -116,10 +117,21 @@ def wait_for_ping(server: Server) -> None:
 
 
 @pytest.fixture(scope="session")
-def tiny_store(tmp_path_factory: pytest.TempPathFactory, weights_root: Path) -> Path:
-    """model_store/ with the three tiny tarballs and manifest.json, as `make archive` builds."""
-    store = tmp_path_factory.mktemp("model_store")
-    archive_models(MODELS, "tiny", store, weights_root)
+def served_store(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, weights_root: Path
+) -> Path:
+    """The archives the serving tests serve: `--store DIR`'s (make test-handlers: model_store/),
+    else the three tiny tarballs and manifest.json built afresh, as `make archive` builds them."""
+    store = request.config.getoption("--store")
+    if store is not None:
+        store = store.resolve()
+        missing = [m for m in MODELS if not (store / f"{m}.tar.gz").is_file()]
+        if missing or not (store / "manifest.json").is_file():
+            pytest.exit(f"--store {store}: no archives of {missing or MODELS}; run `make archive`")
+    else:
+        store = tmp_path_factory.mktemp("model_store")
+        archive_models(MODELS, "tiny", store, weights_root)
+    serving_run["store"] = store
     return store
 
 
@@ -135,16 +147,16 @@ def print_server_logs_on_failure(request: pytest.FixtureRequest) -> Iterator[Non
 
 
 @pytest.fixture(scope="session")
-def local_server(tiny_store: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+def local_server(served_store: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     """The `local` profile serving the three tiny tarballs, as `make serve-local` runs it."""
-    server = start_server(tmp_path_factory.mktemp("local-run"), tiny_store, "local", list(MODELS))
+    server = start_server(tmp_path_factory.mktemp("local-run"), served_store, "local", list(MODELS))
     yield server
     server.stop()
 
 
 @pytest.fixture(scope="session")
 def sagemaker_server(
-    tiny_store: Path, tmp_path_factory: pytest.TempPathFactory
+    served_store: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Server]:
     """The `sagemaker` profile, no model at start; SageMaker's model root as its store."""
     model_root = tmp_path_factory.mktemp("opt-ml-models")

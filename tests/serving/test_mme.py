@@ -102,9 +102,9 @@ def make_endpoint(server: Server, source, downloads: Path) -> Endpoint:
 
 
 @pytest.fixture(scope="module")
-def mme(sagemaker_server: Server, tiny_store: Path, tmp_path_factory) -> Iterator[Emulator]:
+def mme(sagemaker_server: Server, served_store: Path, tmp_path_factory) -> Iterator[Emulator]:
     endpoint = make_endpoint(
-        sagemaker_server, LocalSource(tiny_store), tmp_path_factory.mktemp("mme-downloads")
+        sagemaker_server, LocalSource(served_store), tmp_path_factory.mktemp("mme-downloads")
     )
     yield from serve_endpoint(endpoint)
 
@@ -171,12 +171,12 @@ def test_all_three_models_answer_through_boto3(fresh: Emulator):
 
 
 def test_a_model_already_registered_in_torchserve_is_used_409_and_all(
-    fresh: Emulator, tiny_store: Path
+    fresh: Emulator, served_store: Path
 ):
     name = model_name(fresh.endpoint.source.uri, "sam.tar.gz")
     folder = fresh.endpoint.models_dir / name / "model"
     folder.mkdir(parents=True, exist_ok=True)
-    with tarfile.open(tiny_store / "sam.tar.gz") as archive:
+    with tarfile.open(served_store / "sam.tar.gz") as archive:
         archive.extractall(folder, filter="data")
     direct = requests.post(
         f"{fresh.endpoint.torchserve.url}/models",
@@ -201,9 +201,9 @@ def test_unloading_deletes_the_model_from_torchserve(fresh: Emulator):
 
 
 def test_least_recently_used_model_is_evicted_past_the_memory_budget(
-    fresh: Emulator, tiny_store: Path
+    fresh: Emulator, served_store: Path
 ):
-    sizes = {target: extracted_size(tiny_store / target) for target in MODELS}
+    sizes = {target: extracted_size(served_store / target) for target in MODELS}
     fresh.endpoint.memory_budget_bytes = sum(sizes.values()) - 1  # room for two of three
     bodies = requests_by_target()
     fresh.invoke("sam.tar.gz", bodies["sam.tar.gz"])
@@ -308,11 +308,11 @@ def test_unknown_targets_and_endpoints_are_validation_errors(fresh, target, endp
 
 
 def test_a_flat_tarball_loads_like_one_with_a_root_folder(
-    sagemaker_server: Server, tiny_store: Path, tmp_path: Path
+    sagemaker_server: Server, served_store: Path, tmp_path: Path
 ):
     flat = tmp_path / "flat"
     unpacked = tmp_path / "unpacked"
-    with tarfile.open(tiny_store / "lama.tar.gz") as archive:
+    with tarfile.open(served_store / "lama.tar.gz") as archive:
         archive.extractall(unpacked, filter="data")
     flat.mkdir()
     with tarfile.open(flat / "lama.tar.gz", "w:gz") as archive:  # the blog's `tar czf . `
@@ -326,7 +326,7 @@ def test_a_flat_tarball_loads_like_one_with_a_root_folder(
 
 
 def test_an_s3_prefix_is_a_model_source(
-    sagemaker_server: Server, tiny_store: Path, tmp_path, monkeypatch
+    sagemaker_server: Server, served_store: Path, tmp_path, monkeypatch
 ):
     from moto.server import ThreadedMotoServer
 
@@ -340,7 +340,7 @@ def test_an_s3_prefix_is_a_model_source(
         s3_url = f"http://127.0.0.1:{port}"
         s3 = make_s3_client(s3_url)
         s3.create_bucket(Bucket="mmekit-models")
-        s3.upload_file(str(tiny_store / "sam.tar.gz"), "mmekit-models", "prefix/sam.tar.gz")
+        s3.upload_file(str(served_store / "sam.tar.gz"), "mmekit-models", "prefix/sam.tar.gz")
         source = S3Source("s3://mmekit-models/prefix", lambda: make_s3_client(s3_url))
         endpoint = make_endpoint(sagemaker_server, source, tmp_path / "downloads")
         for emulator in serve_endpoint(endpoint):

@@ -172,10 +172,10 @@ def test_served_tarballs_are_the_ones_in_the_manifest(local_server: Server):
 
 
 @pytest.fixture(scope="module")
-def registered(sagemaker_server: Server, tiny_store) -> Server:
+def registered(sagemaker_server: Server, served_store) -> Server:
     """Register the three models as SageMaker does: extracted tarball, POST /models."""
     for model in ("sam", "lama", "sd"):
-        tarball = tiny_store / f"{model}.tar.gz"
+        tarball = served_store / f"{model}.tar.gz"
         name = hashlib.sha256(tarball.read_bytes()).hexdigest()[:16]
         folder = extract_like_sagemaker(tarball, sagemaker_server.store, name)
         reply = requests.post(
@@ -231,7 +231,7 @@ def test_sagemaker_profile_needs_no_token_and_answers_bad_input_with_400(registe
     assert bad.status_code == 400 and bad.json()["error"] == "missing_field"
 
 
-def test_registering_a_loaded_model_again_is_a_conflict(registered: Server, tiny_store):
+def test_registering_a_loaded_model_again_is_a_conflict(registered: Server, served_store):
     folder = next(registered.store.glob("*/model"))
     reply = requests.post(
         f"{registered.url}/models", json={"model_name": "sam", "url": str(folder)}, timeout=60

@@ -1,0 +1,30 @@
+"""The one seam for AWS clients: every boto3 client mmekit makes comes from `make_client`.
+
+Endpoints follow boto3's own settings, so tests and local stacks need no code path of their own:
+AWS_ENDPOINT_URL (all services, e.g. a moto server) and AWS_ENDPOINT_URL_<SERVICE> (e.g.
+AWS_ENDPOINT_URL_SAGEMAKER_RUNTIME for the local multi-model endpoint, `make serve-mme`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import boto3
+from botocore.config import Config
+
+# Throttling and transient errors are retried by botocore itself (standard mode, with back-off).
+RETRIES = {"mode": "standard", "max_attempts": 8}
+
+ClientFactory = Callable[[str], Any]
+
+
+def make_client(service: str, region: str | None = None, read_timeout: float = 120.0) -> Any:
+    """A boto3 client for `service` in `region`, with standard retries."""
+    config = Config(
+        region_name=region,
+        retries=RETRIES,
+        read_timeout=read_timeout,
+        user_agent_extra="mmekit",
+    )
+    return boto3.session.Session().client(service, config=config)

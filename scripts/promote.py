@@ -1,0 +1,1324 @@
+"""Promote the tested archives to a SageMaker GPU multi-model endpoint: `make promote`.
+
+    python -m scripts.promote run [--dry-run] [--force] [--allow-tiny] [--no-smoke]
+    python -m scripts.promote gate | upload | endpoint | scale | smoke   # one step on its own
+    python -m scripts.promote models                 # the endpoint's models (TargetModel names)
+    python -m scripts.promote teardown [--yes]       # endpoint, configs, models (not S3)
+    python -m scripts.promote iam-policy             # least-privilege policies to attach
+
+`run` does, in order: image (IMAGE_URI, or build and push where Docker runs; always used by
+digest), gate (only tarballs the local tests passed), upload (content-addressed keys, never
+overwritten, verified by SHA-256), endpoint (model and config named by content hash; create, or
+update and check the update really took), scale (Application Auto Scaling), smoke (every model
+through sagemaker-runtime), then writes promotion.json. A re-run with the same inputs makes no
+mutating call. `--dry-run` prints the plan and creates no AWS client.
+
+Settings: configs/promote.yaml, overridden by MMEKIT_<KEY> variables and then by flags.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import contextlib
+import hashlib
+import io
+import json
+import logging
+import os
+import re
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field, fields, replace
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from scripts import PROJECT_ROOT
+from scripts.archive import DEFAULT_STORE, read_manifest
+from scripts.weights import MODELS, sha256_of
+
+SETTINGS_FILE = PROJECT_ROOT / "configs" / "promote.yaml"
+TESTED_RECORD = PROJECT_ROOT / ".mmekit" / "tested.json"
+PROMOTION_FILE = PROJECT_ROOT / "promotion.json"
+MULTIPART_THRESHOLD = 64 * 1024 * 1024  # one PUT below this; parts of PART_SIZE above
+PART_SIZE = 64 * 1024 * 1024
+UPLOAD_THREADS = 8
+# Operations that change nothing: everything else counts as a mutating call.
+READ_ONLY = re.compile(r"^(Describe|List|Get|Head)")
+SECRET_NAME = re.compile(r"SECRET|PASSWORD|TOKEN|CREDENTIAL|PRIVATE|ACCESS_KEY|API_KEY", re.I)
+AWS_KEY_VALUE = re.compile(r"(AKIA|ASIA)[A-Z0-9]{16}")
+TRANSITIONAL = {"Creating", "Updating", "SystemUpdating", "RollingBack", "Deleting"}
+ECR_IMAGE = re.compile(
+    r"^(?P<registry>\d{12})\.dkr\.ecr\.(?P<region>[a-z0-9-]+)\.amazonaws\.com(\.cn)?/"
+    r"(?P<repository>[a-z0-9._/-]+):(?P<tag>[\w.-]+)$"
+)
+DIGEST_IMAGE = re.compile(r"^[^@\s]+@sha256:[0-9a-f]{64}$")
+
+
+class PromoteError(Exception):
+    """Promotion stopped: the message says why and what to do."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Settings
+
+
+@dataclass(frozen=True)
+class Autoscaling:
+    enabled: bool = True
+    min_capacity: int = 1
+    max_capacity: int = 2
+    metric: str = "SageMakerVariantInvocationsPerInstance"
+    target_value: float = 20.0
+    scale_in_cooldown_s: int = 600
+    scale_out_cooldown_s: int = 120
+
+
+@dataclass(frozen=True)
+class Settings:
+    region: str = "us-east-1"
+    bucket: str = ""
+    prefix: str = "mmekit/models"
+    role_arn: str = ""
+    endpoint_name: str = "mmekit"
+    image_repository: str = "mmekit"
+    instance_type: str = "ml.g5.2xlarge"
+    instance_count: int = 1
+    variant_name: str = "AllTraffic"
+    container_environment: dict[str, str] = field(default_factory=dict)
+    autoscaling: Autoscaling = field(default_factory=Autoscaling)
+    wait_timeout_s: float = 3600.0
+    poll_s: float = 30.0
+    smoke_timeout_s: float = 900.0
+
+    @property
+    def model_data_url(self) -> str:
+        return f"s3://{self.bucket}/{self.prefix}/"
+
+    @property
+    def account_id(self) -> str:
+        """From the execution role's ARN (arn:aws:iam::<account>:role/<name>)."""
+        parts = self.role_arn.split(":")
+        return parts[4] if len(parts) > 5 and parts[4].isdigit() else "<ACCOUNT_ID>"
+
+    @property
+    def scaling_resource_id(self) -> str:
+        return f"endpoint/{self.endpoint_name}/variant/{self.variant_name}"
+
+
+def load_settings(
+    path: Path = SETTINGS_FILE,
+    environ: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> Settings:
+    """configs/promote.yaml, then MMEKIT_<KEY> variables, then flags (None = not given)."""
+    environ = os.environ if environ is None else environ
+    raw = yaml.safe_load(path.read_text()) or {}
+    unknown = set(raw) - {f.name for f in fields(Settings)}
+    if unknown:
+        raise PromoteError(f"{path.name}: unknown settings {', '.join(sorted(unknown))}")
+    values: dict[str, Any] = dict(raw)
+    for item in fields(Settings):
+        name = f"MMEKIT_{item.name.upper()}"
+        if name in environ and item.name not in ("container_environment", "autoscaling"):
+            values[item.name] = environ[name]
+    if not values.get("region"):
+        values["region"] = environ.get("AWS_REGION") or environ.get("AWS_DEFAULT_REGION", "")
+    for name, value in (overrides or {}).items():
+        if value is not None:
+            values[name] = value
+    try:
+        scaling = Autoscaling(**(values.pop("autoscaling", None) or {}))
+        settings = Settings(autoscaling=scaling, **values)
+        settings = replace(
+            settings,
+            instance_count=int(settings.instance_count),
+            prefix=settings.prefix.strip("/"),
+            wait_timeout_s=float(settings.wait_timeout_s),
+            poll_s=float(settings.poll_s),
+            smoke_timeout_s=float(settings.smoke_timeout_s),
+            container_environment={
+                str(k): str(v) for k, v in (settings.container_environment or {}).items()
+            },
+        )
+    except (TypeError, ValueError) as error:
+        raise PromoteError(f"{path.name}: {error}") from None
+    return settings
+
+
+def check_settings(settings: Settings) -> None:
+    """What a real promotion needs; one line naming the setting and where to set it."""
+    for name in ("region", "bucket", "role_arn", "endpoint_name"):
+        if not getattr(settings, name):
+            raise PromoteError(
+                f"no {name}: set it in configs/promote.yaml, MMEKIT_{name.upper()}=... "
+                f"or --{name.replace('_', '-')}"
+            )
+    if not re.fullmatch(r"[a-zA-Z0-9](-*[a-zA-Z0-9]){0,46}", settings.endpoint_name):
+        raise PromoteError(
+            f"endpoint_name {settings.endpoint_name!r}: letters, digits and hyphens, at most "
+            "47 characters (names of models and configs add a 16-character hash)"
+        )
+    if settings.instance_count < 1:
+        raise PromoteError("instance_count must be at least 1")
+    scaling = settings.autoscaling
+    if scaling.enabled and not 1 <= scaling.min_capacity <= scaling.max_capacity:
+        raise PromoteError("autoscaling: need 1 <= min_capacity <= max_capacity")
+    for name, value in settings.container_environment.items():
+        if SECRET_NAME.search(name) or AWS_KEY_VALUE.search(value):
+            raise PromoteError(
+                f"container_environment {name}: looks like a secret; the execution role gives "
+                "the container its AWS access, and secrets belong in Secrets Manager"
+            )
+
+
+# ---------------------------------------------------------------------------------------------
+# Artifacts and the gate
+
+
+@dataclass(frozen=True)
+class Artifact:
+    model: str
+    path: Path
+    sha256: str
+    size: int
+    tier: str
+
+    @property
+    def target_model(self) -> str:
+        """The TargetModel name, content-addressed: a changed tarball is a new model."""
+        return f"{self.model}-{self.sha256[:12]}.tar.gz"
+
+    def key(self, settings: Settings) -> str:
+        return f"{settings.prefix}/{self.target_model}"
+
+
+def read_artifacts(store: Path = DEFAULT_STORE, models: tuple[str, ...] = MODELS) -> list[Artifact]:
+    """The manifest's tarballs, each re-hashed: what is promoted is what was built and tested."""
+    entries = read_manifest(store)["models"]
+    artifacts = []
+    for model in models:
+        entry = entries.get(model)
+        path = store / f"{model}.tar.gz"
+        if entry is None or not path.is_file():
+            raise PromoteError(f"no {path.name} in {store}: run `make archive` first")
+        digest = sha256_of(path)
+        if digest != entry["sha256"]:
+            raise PromoteError(
+                f"{path.name} changed since `make archive` wrote the manifest: run it again"
+            )
+        artifacts.append(Artifact(model, path, digest, path.stat().st_size, entry["tier"]))
+    return artifacts
+
+
+def read_tested(record: Path = TESTED_RECORD) -> dict[str, dict]:
+    try:
+        return json.loads(record.read_text()).get("tarballs", {})
+    except (OSError, ValueError):
+        return {}
+
+
+def gate(
+    artifacts: list[Artifact],
+    record: Path = TESTED_RECORD,
+    force: bool = False,
+    allow_tiny: bool = False,
+    say: Callable[[str], None] = print,
+) -> None:
+    """Only tarballs whose SHA-256 a passing test run recorded; never random weights unasked."""
+    tiny = [a.model for a in artifacts if a.tier in ("tiny", "synthetic")]
+    if tiny and not allow_tiny:
+        raise PromoteError(
+            f"{', '.join(tiny)}: random-weight archives (outputs are noise); `make fetch-weights`"
+            " and `make archive` first, or --allow-tiny to promote them anyway"
+        )
+    tested = read_tested(record)
+    untested = [a for a in artifacts if a.sha256 not in tested]
+    if untested and not force:
+        names = ", ".join(f"{a.path.name} ({a.sha256[:12]})" for a in untested)
+        raise PromoteError(
+            f"not tested: {names}; run `make test-handlers` (it tests model_store/ and records "
+            "what passed), or --force to promote untested archives"
+        )
+    for artifact in untested:
+        say(f"WARNING: promoting {artifact.path.name} untested (--force)")
+    for artifact in artifacts:
+        if artifact.sha256 in tested:
+            when = tested[artifact.sha256].get("tested_at", "?")
+            say(f"gate: {artifact.path.name} {artifact.sha256[:12]} passed the tests ({when})")
+
+
+def record_tested(
+    store: Path, tests: str, record: Path = TESTED_RECORD, models: tuple[str, ...] = MODELS
+) -> list[str]:
+    """Called by a passing test session: the served tarballs' hashes, for the gate."""
+    entries = read_manifest(store)["models"]
+    tested = read_tested(record)
+    now = datetime.now(UTC).isoformat(timespec="seconds")
+    recorded = []
+    for model in models:
+        path = store / f"{model}.tar.gz"
+        if model not in entries or not path.is_file():
+            continue
+        digest = sha256_of(path)
+        tested[digest] = {
+            "model": model,
+            "tier": entries[model]["tier"],
+            "tested_at": now,
+            "tests": tests,
+        }
+        recorded.append(digest)
+    record.parent.mkdir(parents=True, exist_ok=True)
+    staging = record.with_suffix(".partial")
+    staging.write_text(json.dumps({"tarballs": tested}, indent=2, sort_keys=True) + "\n")
+    staging.replace(record)
+    return recorded
+
+
+# ---------------------------------------------------------------------------------------------
+# Names: content hashes, so the same inputs name the same resources
+
+
+def short_hash(value: object) -> str:
+    text = json.dumps(value, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def model_name(settings: Settings, image: str) -> str:
+    spec = {
+        "image": image,
+        "role": settings.role_arn,
+        "data": settings.model_data_url,
+        "env": settings.container_environment,
+    }
+    return f"{settings.endpoint_name}-m-{short_hash(spec)}"
+
+
+def config_name(settings: Settings, model: str) -> str:
+    spec = {
+        "model": model,
+        "type": settings.instance_type,
+        "count": settings.instance_count,
+        "variant": settings.variant_name,
+    }
+    return f"{settings.endpoint_name}-c-{short_hash(spec)}"
+
+
+# ---------------------------------------------------------------------------------------------
+# The promoter: every AWS call goes through clients from one factory (scripts.aws.make_client)
+
+
+def error_code(error: Exception) -> str:
+    return getattr(error, "response", {}).get("Error", {}).get("Code", "")
+
+
+def is_not_found(error: Exception) -> bool:
+    from botocore.exceptions import ClientError
+
+    if not isinstance(error, ClientError):
+        return False
+    code = error_code(error)
+    message = error.response.get("Error", {}).get("Message", "")
+    status = error.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+    return (
+        code in ("404", "NoSuchKey", "NotFound", "ResourceNotFound", "ObjectNotFoundException")
+        or status == 404
+        or (code == "ValidationException" and "Could not find" in message)
+    )
+
+
+def b64(digest: bytes) -> str:
+    return base64.b64encode(digest).decode()
+
+
+def part_ranges(size: int, part_size: int = PART_SIZE) -> list[tuple[int, int]]:
+    return [(start, min(part_size, size - start)) for start in range(0, size, part_size)] or [
+        (0, 0)
+    ]
+
+
+def expected_checksums(path: Path, sha256_hex: str, part_size: int = PART_SIZE) -> set[str]:
+    """What S3 reports as ChecksumSHA256 for our upload: the object's SHA-256 for one PUT, the
+    composite (SHA-256 of the parts' SHA-256s, "-<parts>") for a multipart upload."""
+    whole = b64(bytes.fromhex(sha256_hex))
+    size = path.stat().st_size
+    if size < MULTIPART_THRESHOLD:
+        return {whole}
+    digests = b""
+    with open(path, "rb") as stream:
+        for _, length in part_ranges(size, part_size):
+            digests += hashlib.sha256(stream.read(length)).digest()
+    composite = b64(hashlib.sha256(digests).digest())
+    return {whole, composite, f"{composite}-{len(part_ranges(size, part_size))}"}
+
+
+class Progress:
+    """A tqdm bar on a terminal, otherwise nothing (no bar noise in logs)."""
+
+    def __init__(self, total: int, label: str) -> None:
+        self.bar = None
+        if sys.stderr.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, unit="B", unit_scale=True, desc=label, leave=False)
+        self.lock = threading.Lock()
+
+    def update(self, count: int) -> None:
+        if self.bar is not None:
+            with self.lock:
+                self.bar.update(count)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+@dataclass
+class Promoter:
+    settings: Settings
+    client_factory: Callable[[str], Any] | None = None
+    say: Callable[[str], None] = print
+    sleep: Callable[[float], None] = time.sleep
+    operations: list[str] = field(default_factory=list)
+    _clients: dict[str, Any] = field(default_factory=dict)
+
+    # -- clients -------------------------------------------------------------------------------
+
+    def client(self, service: str) -> Any:
+        if service not in self._clients:
+            if self.client_factory is None:
+                from scripts.aws import make_client
+
+                client = make_client(service, self.settings.region)
+            else:
+                client = self.client_factory(service)
+            client.meta.events.register("before-parameter-build.*.*", self._log_operation)
+            self._clients[service] = client
+        return self._clients[service]
+
+    def _log_operation(self, model: Any, **_: Any) -> None:
+        self.operations.append(model.name)
+
+    @property
+    def mutating_operations(self) -> list[str]:
+        return [name for name in self.operations if not READ_ONLY.match(name)]
+
+    # -- 1. image --------------------------------------------------------------------------------
+
+    def resolve_image(self, image_uri: str) -> str:
+        """The image by digest: IMAGE_URI as given when it has one, else its ECR tag resolved."""
+        if DIGEST_IMAGE.match(image_uri):
+            return image_uri
+        match = ECR_IMAGE.match(image_uri)
+        if not match:
+            raise PromoteError(
+                f"IMAGE_URI={image_uri}: give an ECR image, <account>.dkr.ecr.<region>."
+                "amazonaws.com/<repository>:<tag>, or any image @sha256:<digest>"
+            )
+        try:
+            described = self.client("ecr").describe_images(
+                registryId=match["registry"],
+                repositoryName=match["repository"],
+                imageIds=[{"imageTag": match["tag"]}],
+            )
+        except Exception as error:
+            if error_code(error) in ("ImageNotFoundException", "RepositoryNotFoundException"):
+                raise PromoteError(f"{image_uri} is not in ECR: push it first") from None
+            raise
+        digest = described["imageDetails"][0]["imageDigest"]
+        repository = image_uri.rsplit(":", 1)[0]
+        self.say(f"image: {image_uri} is {digest}")
+        return f"{repository}@{digest}"
+
+    # -- 3. upload -------------------------------------------------------------------------------
+
+    def head(self, key: str) -> dict | None:
+        try:
+            return self.client("s3").head_object(
+                Bucket=self.settings.bucket, Key=key, ChecksumMode="ENABLED"
+            )
+        except Exception as error:
+            if is_not_found(error):
+                return None
+            raise
+
+    def verify(self, artifact: Artifact, key: str, head: dict, expected: set[str]) -> None:
+        reported = head.get("ChecksumSHA256")
+        if reported not in expected:
+            raise PromoteError(
+                f"s3://{self.settings.bucket}/{key} holds other bytes (ChecksumSHA256 "
+                f"{reported or 'missing'}, expected {sorted(expected)[0]}): refusing to use or "
+                "overwrite it; find out who wrote it, delete it, and promote again"
+            )
+
+    def upload(self, artifacts: list[Artifact]) -> list[dict]:
+        """Each tarball once, at its content-addressed key: skipped when an identical object is
+        there, never overwritten, verified by S3's SHA-256 afterwards."""
+        done = []
+        for artifact in artifacts:
+            key = artifact.key(self.settings)
+            expected = expected_checksums(artifact.path, artifact.sha256)
+            existing = self.head(key)
+            if existing is not None:
+                self.verify(artifact, key, existing, expected)
+                self.say(f"upload: s3://{self.settings.bucket}/{key} already there, verified")
+                state = "present"
+            else:
+                self.say(
+                    f"upload: {artifact.path.name} -> s3://{self.settings.bucket}/{key} "
+                    f"({artifact.size / 1e6:.1f} MB)"
+                )
+                self._put(artifact, key)
+                uploaded = self.head(key)
+                if uploaded is None:
+                    raise PromoteError(f"s3://{self.settings.bucket}/{key} missing after upload")
+                self.verify(artifact, key, uploaded, expected)
+                state = "uploaded"
+            done.append({"model": artifact.model, "key": key, "state": state})
+        return done
+
+    def _put(self, artifact: Artifact, key: str) -> None:
+        s3, bucket = self.client("s3"), self.settings.bucket
+        progress = Progress(artifact.size, artifact.path.name)
+        try:
+            if artifact.size < MULTIPART_THRESHOLD:
+                body = artifact.path.read_bytes()
+                s3.put_object(
+                    Bucket=bucket,
+                    Key=key,
+                    Body=body,
+                    ChecksumAlgorithm="SHA256",
+                    ChecksumSHA256=b64(bytes.fromhex(artifact.sha256)),
+                    IfNoneMatch="*",  # someone else's object at this key stays theirs
+                )
+                progress.update(len(body))
+            else:
+                self._put_multipart(artifact, key, progress)
+        except Exception as error:
+            if error_code(error) in ("PreconditionFailed", "ConditionalRequestConflict"):
+                raise PromoteError(
+                    f"s3://{bucket}/{key} appeared while uploading: promote again to verify it"
+                ) from None
+            raise
+        finally:
+            progress.close()
+
+    def _put_multipart(self, artifact: Artifact, key: str, progress: Progress) -> None:
+        s3, bucket = self.client("s3"), self.settings.bucket
+        upload_id = s3.create_multipart_upload(Bucket=bucket, Key=key, ChecksumAlgorithm="SHA256")[
+            "UploadId"
+        ]
+
+        def send(number: int, start: int, length: int) -> dict:
+            with open(artifact.path, "rb") as stream:
+                stream.seek(start)
+                chunk = stream.read(length)
+            checksum = b64(hashlib.sha256(chunk).digest())
+            reply = s3.upload_part(
+                Bucket=bucket,
+                Key=key,
+                UploadId=upload_id,
+                PartNumber=number,
+                Body=io.BytesIO(chunk),
+                ChecksumAlgorithm="SHA256",
+                ChecksumSHA256=checksum,
+            )
+            progress.update(length)
+            return {"ETag": reply["ETag"], "PartNumber": number, "ChecksumSHA256": checksum}
+
+        try:
+            ranges = part_ranges(artifact.size)
+            with ThreadPoolExecutor(max_workers=UPLOAD_THREADS) as pool:
+                futures = [
+                    pool.submit(send, number, start, length)
+                    for number, (start, length) in enumerate(ranges, 1)
+                ]
+                parts = [future.result() for future in futures]
+            s3.complete_multipart_upload(
+                Bucket=bucket,
+                Key=key,
+                UploadId=upload_id,
+                MultipartUpload={"Parts": parts},
+                IfNoneMatch="*",
+            )
+        except BaseException:
+            s3.abort_multipart_upload(Bucket=bucket, Key=key, UploadId=upload_id)
+            raise
+
+    # -- 4. endpoint -----------------------------------------------------------------------------
+
+    def describe(self, operation: str, **arguments: Any) -> dict | None:
+        try:
+            return getattr(self.client("sagemaker"), operation)(**arguments)
+        except Exception as error:
+            if is_not_found(error):
+                return None
+            raise
+
+    def ensure_model(self, image: str) -> str:
+        name = model_name(self.settings, image)
+        if self.describe("describe_model", ModelName=name) is None:
+            self.say(f"endpoint: creating model {name}")
+            self.client("sagemaker").create_model(
+                ModelName=name,
+                ExecutionRoleArn=self.settings.role_arn,
+                PrimaryContainer={
+                    "Image": image,
+                    "Mode": "MultiModel",
+                    "ModelDataUrl": self.settings.model_data_url,
+                    "Environment": dict(self.settings.container_environment),
+                },
+                Tags=[{"Key": "mmekit:endpoint", "Value": self.settings.endpoint_name}],
+            )
+        return name
+
+    def ensure_config(self, model: str) -> str:
+        name = config_name(self.settings, model)
+        if self.describe("describe_endpoint_config", EndpointConfigName=name) is None:
+            self.say(f"endpoint: creating endpoint config {name}")
+            self.client("sagemaker").create_endpoint_config(
+                EndpointConfigName=name,
+                ProductionVariants=[
+                    {
+                        "VariantName": self.settings.variant_name,
+                        "ModelName": model,
+                        "InstanceType": self.settings.instance_type,
+                        "InitialInstanceCount": self.settings.instance_count,
+                    }
+                ],
+                Tags=[{"Key": "mmekit:endpoint", "Value": self.settings.endpoint_name}],
+            )
+        return name
+
+    def ensure_endpoint(self, image: str) -> dict:
+        """Create the endpoint, or move it to the config these inputs name. The config in
+        service is never deleted here; a rollback, silent or not, fails the promotion."""
+        model = self.ensure_model(image)
+        config = self.ensure_config(model)
+        name = self.settings.endpoint_name
+        current = self.describe("describe_endpoint", EndpointName=name)
+        if current is None:
+            self.say(f"endpoint: creating {name} on {config}")
+            self.client("sagemaker").create_endpoint(
+                EndpointName=name,
+                EndpointConfigName=config,
+                Tags=[{"Key": "mmekit:endpoint", "Value": name}],
+            )
+            previous = None
+        else:
+            if current["EndpointStatus"] in TRANSITIONAL:
+                self.say(f"endpoint: {name} is {current['EndpointStatus']}; waiting first")
+                current = self.wait(name, expected_config=None)
+            if current["EndpointStatus"] == "Failed":
+                raise PromoteError(
+                    f"endpoint {name} is Failed ({current.get('FailureReason', 'no reason')}): "
+                    "`make teardown`, then promote again"
+                )
+            previous = current["EndpointConfigName"]
+            if previous == config:
+                self.say(f"endpoint: {name} already serves {config}")
+                return {"endpoint": name, "config": config, "model": model, "changed": False}
+            self.release_scaling_if_instance_type_changes(previous)
+            self.say(f"endpoint: updating {name} from {previous} to {config}")
+            self.client("sagemaker").update_endpoint(EndpointName=name, EndpointConfigName=config)
+        self.wait(name, expected_config=config, previous_config=previous)
+        return {"endpoint": name, "config": config, "model": model, "changed": True}
+
+    def release_scaling_if_instance_type_changes(self, previous_config: str) -> None:
+        """SageMaker refuses an update that changes a scaled variant's instance type: drop the
+        policy and target first (the scale step puts them back)."""
+        described = self.describe("describe_endpoint_config", EndpointConfigName=previous_config)
+        variants = (described or {}).get("ProductionVariants", [])
+        old_types = {v["VariantName"]: v["InstanceType"] for v in variants}
+        if old_types.get(self.settings.variant_name) in (None, self.settings.instance_type):
+            return
+        scaling = self.client("application-autoscaling")
+        targets = scaling.describe_scalable_targets(
+            ServiceNamespace="sagemaker", ResourceIds=[self.settings.scaling_resource_id]
+        )["ScalableTargets"]
+        if not targets:
+            return
+        self.say("scale: deregistering the variant while its instance type changes")
+        policies = scaling.describe_scaling_policies(
+            ServiceNamespace="sagemaker", ResourceId=self.settings.scaling_resource_id
+        )["ScalingPolicies"]
+        for policy in policies:
+            scaling.delete_scaling_policy(
+                PolicyName=policy["PolicyName"],
+                ServiceNamespace="sagemaker",
+                ResourceId=self.settings.scaling_resource_id,
+                ScalableDimension="sagemaker:variant:DesiredInstanceCount",
+            )
+        scaling.deregister_scalable_target(
+            ServiceNamespace="sagemaker",
+            ResourceId=self.settings.scaling_resource_id,
+            ScalableDimension="sagemaker:variant:DesiredInstanceCount",
+        )
+
+    def wait(
+        self, name: str, expected_config: str | None, previous_config: str | None = None
+    ) -> dict:
+        """Poll until the endpoint settles, printing each status change with the time taken."""
+        started = time.monotonic()
+        deadline = started + self.settings.wait_timeout_s
+        last = None
+        while True:
+            try:
+                current = self.client("sagemaker").describe_endpoint(EndpointName=name)
+            except Exception as error:
+                if "Throttl" not in error_code(error):
+                    raise
+                current = {"EndpointStatus": last or "Updating"}  # retried after the sleep
+            status = current["EndpointStatus"]
+            if status != last:
+                self.say(f"endpoint: {name} {status} ({time.monotonic() - started:.0f} s)")
+                last = status
+            if status in ("Failed", "UpdateRollbackFailed"):
+                raise PromoteError(
+                    f"endpoint {name} is {status}: {current.get('FailureReason', 'no reason')}"
+                )
+            if status == "InService" and expected_config is None:
+                return current
+            if status == "InService":
+                serving = current.get("EndpointConfigName")
+                if serving != expected_config:
+                    reason = current.get("FailureReason") or "no FailureReason given"
+                    raise PromoteError(
+                        f"endpoint {name} rolled back: InService on {serving}, not "
+                        f"{expected_config} ({reason}); the previous config "
+                        f"{previous_config or serving} still serves"
+                    )
+                return current
+            if time.monotonic() > deadline:
+                raise PromoteError(
+                    f"endpoint {name} still {status} after {self.settings.wait_timeout_s:.0f} s"
+                )
+            self.sleep(self.settings.poll_s)
+
+    # -- 5. scale --------------------------------------------------------------------------------
+
+    def scaling_policy(self) -> dict:
+        scaling = self.settings.autoscaling
+        if scaling.metric == "SageMakerVariantInvocationsPerInstance":
+            metric: dict = {
+                "PredefinedMetricSpecification": {
+                    "PredefinedMetricType": "SageMakerVariantInvocationsPerInstance"
+                }
+            }
+        elif scaling.metric == "GPUUtilization":
+            metric = {
+                "CustomizedMetricSpecification": {
+                    "MetricName": "GPUUtilization",
+                    "Namespace": "/aws/sagemaker/Endpoints",
+                    "Dimensions": [
+                        {"Name": "EndpointName", "Value": self.settings.endpoint_name},
+                        {"Name": "VariantName", "Value": self.settings.variant_name},
+                    ],
+                    "Statistic": "Average",
+                    "Unit": "Percent",
+                }
+            }
+        else:
+            raise PromoteError(
+                f"autoscaling.metric {scaling.metric!r}: use SageMakerVariantInvocationsPerInstance"
+                " or GPUUtilization"
+            )
+        return {
+            "TargetValue": float(scaling.target_value),
+            **metric,
+            "ScaleInCooldown": int(scaling.scale_in_cooldown_s),
+            "ScaleOutCooldown": int(scaling.scale_out_cooldown_s),
+        }
+
+    @property
+    def policy_name(self) -> str:
+        return f"{self.settings.endpoint_name}-target-tracking"
+
+    def scale(self) -> dict:
+        scaling, settings = self.settings.autoscaling, self.settings
+        if not scaling.enabled:
+            self.say("scale: autoscaling disabled in configs/promote.yaml")
+            return {"enabled": False}
+        client = self.client("application-autoscaling")
+        common = {
+            "ServiceNamespace": "sagemaker",
+            "ResourceId": settings.scaling_resource_id,
+            "ScalableDimension": "sagemaker:variant:DesiredInstanceCount",
+        }
+        targets = client.describe_scalable_targets(
+            ServiceNamespace="sagemaker", ResourceIds=[settings.scaling_resource_id]
+        )["ScalableTargets"]
+        wanted = (scaling.min_capacity, scaling.max_capacity)
+        if not targets or (targets[0]["MinCapacity"], targets[0]["MaxCapacity"]) != wanted:
+            self.say(f"scale: {settings.scaling_resource_id} between {wanted[0]} and {wanted[1]}")
+            client.register_scalable_target(
+                **common, MinCapacity=scaling.min_capacity, MaxCapacity=scaling.max_capacity
+            )
+        policy = self.scaling_policy()
+        existing = client.describe_scaling_policies(
+            ServiceNamespace="sagemaker",
+            ResourceId=settings.scaling_resource_id,
+            PolicyNames=[self.policy_name],
+        )["ScalingPolicies"]
+        current = existing[0].get("TargetTrackingScalingPolicyConfiguration") if existing else None
+        if current is None or not same_policy(current, policy):
+            self.say(f"scale: target tracking {scaling.metric} = {scaling.target_value}")
+            client.put_scaling_policy(
+                PolicyName=self.policy_name,
+                PolicyType="TargetTrackingScaling",
+                TargetTrackingScalingPolicyConfiguration=policy,
+                **common,
+            )
+        else:
+            self.say("scale: already as configured")
+        return {"enabled": True, "min": wanted[0], "max": wanted[1], "policy": policy}
+
+    # -- 6. smoke --------------------------------------------------------------------------------
+
+    def smoke(self, artifacts: list[Artifact], requests: Mapping[str, dict]) -> dict[str, str]:
+        """Every promoted model through sagemaker-runtime, its reply checked against the
+        contract; ModelNotReadyException (a model still loading) is retried with back-off."""
+        runtime = self.client("sagemaker-runtime")
+        results = {}
+        for artifact in artifacts:
+            body = json.dumps(requests[artifact.model]).encode()
+            deadline = time.monotonic() + self.settings.smoke_timeout_s
+            delay = 1.0
+            while True:
+                try:
+                    reply = runtime.invoke_endpoint(
+                        EndpointName=self.settings.endpoint_name,
+                        TargetModel=artifact.target_model,
+                        ContentType="application/json",
+                        Body=body,
+                    )
+                    break
+                except Exception as error:
+                    if error_code(error) != "ModelNotReadyException":
+                        raise PromoteError(
+                            f"smoke: {artifact.target_model} failed: {error}"
+                        ) from None
+                    if time.monotonic() + delay > deadline:
+                        raise PromoteError(
+                            f"smoke: {artifact.target_model} still not ready after "
+                            f"{self.settings.smoke_timeout_s:.0f} s"
+                        ) from None
+                    self.say(f"smoke: {artifact.target_model} loading; retry in {delay:.0f} s")
+                    self.sleep(delay)
+                    delay = min(delay * 2, 30.0)
+            check_reply(artifact.model, reply["Body"].read())
+            self.say(f"smoke: {artifact.target_model} answered as the contract says")
+            results[artifact.model] = "ok"
+        return results
+
+
+def same_policy(current: dict, wanted: dict) -> bool:
+    keys = ("TargetValue", "ScaleInCooldown", "ScaleOutCooldown")
+    metric_keys = ("PredefinedMetricSpecification", "CustomizedMetricSpecification")
+    return all(current.get(k) == wanted.get(k) for k in keys) and all(
+        current.get(k) == wanted.get(k) for k in metric_keys
+    )
+
+
+def check_reply(model: str, body: bytes) -> None:
+    """The response contract: JSON with a decodable image; SAM adds its scores."""
+    from PIL import Image
+
+    try:
+        reply = json.loads(body)
+        image = Image.open(io.BytesIO(base64.b64decode(reply["generated_image"])))
+        image.verify()
+    except Exception as error:
+        raise PromoteError(f"smoke: {model} answered outside the contract ({error})") from None
+    if model == "sam" and "scores" not in reply:
+        raise PromoteError("smoke: sam answered without scores")
+
+
+# ---------------------------------------------------------------------------------------------
+# Plans, records, listing, teardown, IAM
+
+
+def plan_lines(settings: Settings, artifacts: list[Artifact], image: str | None) -> list[str]:
+    """What `run` would do, for --dry-run: computed offline, no AWS client."""
+    lines = [f"plan for endpoint {settings.endpoint_name} in {settings.region}"]
+    if image and DIGEST_IMAGE.match(image):
+        lines.append(f"  image: use {image}")
+    elif image:
+        lines.append(f"  image: resolve {image} to its digest in ECR")
+    else:
+        lines.append(f"  image: build and push to the ECR repository {settings.image_repository}")
+    for artifact in artifacts:
+        lines.append(
+            f"  would upload {artifact.path.name} ({artifact.size / 1e6:.1f} MB, sha256 "
+            f"{artifact.sha256[:12]}) to s3://{settings.bucket}/{artifact.key(settings)}"
+            " unless an identical object is there"
+        )
+    if image and DIGEST_IMAGE.match(image):
+        model = model_name(settings, image)
+        config = config_name(settings, model)
+    else:
+        model = f"{settings.endpoint_name}-m-<hash of the image digest and settings>"
+        config = f"{settings.endpoint_name}-c-<hash of the model and instance settings>"
+    lines += [
+        f"  would create model {model} (MultiModel, {settings.model_data_url}) unless it exists",
+        f"  would create endpoint config {config} ({settings.instance_count} x "
+        f"{settings.instance_type}) unless it exists",
+        f"  would create endpoint {settings.endpoint_name} on it, or update it to it if it "
+        "serves another config (the old config is kept)",
+    ]
+    scaling = settings.autoscaling
+    if scaling.enabled:
+        lines.append(
+            f"  would scale {settings.scaling_resource_id} between {scaling.min_capacity} and "
+            f"{scaling.max_capacity} instances, target tracking {scaling.metric} = "
+            f"{scaling.target_value} (scale-in cooldown {scaling.scale_in_cooldown_s} s, "
+            f"scale-out {scaling.scale_out_cooldown_s} s)"
+        )
+    lines.append(
+        "  would invoke " + ", ".join(a.target_model for a in artifacts) + " as a smoke test"
+    )
+    lines.append(f"  would write {PROMOTION_FILE.name}")
+    return lines
+
+
+def write_promotion(
+    path: Path, settings: Settings, image: str, endpoint: dict, artifacts: list[Artifact]
+) -> dict:
+    record = {
+        "region": settings.region,
+        "endpoint": endpoint["endpoint"],
+        "endpoint_config": endpoint["config"],
+        "model": endpoint["model"],
+        "image": image,
+        "image_digest": image.split("@", 1)[1],
+        "model_data_url": settings.model_data_url,
+        "models": {
+            a.model: {"target_model": a.target_model, "sha256": a.sha256, "size": a.size}
+            for a in artifacts
+        },
+        "promoted_at": datetime.now(UTC).isoformat(timespec="seconds"),
+    }
+    path.write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
+    return record
+
+
+def list_models(promoter: Promoter) -> list[dict]:
+    """The TargetModel names under the endpoint's prefix (MultiDataModel.list_models)."""
+    settings = promoter.settings
+    paginator = promoter.client("s3").get_paginator("list_objects_v2")
+    found = []
+    for page in paginator.paginate(Bucket=settings.bucket, Prefix=f"{settings.prefix}/"):
+        for item in page.get("Contents", []):
+            found.append(
+                {
+                    "target_model": item["Key"][len(settings.prefix) + 1 :],
+                    "size": item["Size"],
+                    "last_modified": item["LastModified"].isoformat(),
+                }
+            )
+    return found
+
+
+def teardown(promoter: Promoter) -> list[str]:
+    """Endpoint, then its configs and models (those named after it). S3 objects stay."""
+    settings, sm = promoter.settings, promoter.client("sagemaker")
+    deleted = []
+    scaling = promoter.client("application-autoscaling")
+    targets = scaling.describe_scalable_targets(
+        ServiceNamespace="sagemaker", ResourceIds=[settings.scaling_resource_id]
+    )["ScalableTargets"]
+    if targets:
+        scaling.deregister_scalable_target(
+            ServiceNamespace="sagemaker",
+            ResourceId=settings.scaling_resource_id,
+            ScalableDimension="sagemaker:variant:DesiredInstanceCount",
+        )
+        deleted.append(f"scalable target {settings.scaling_resource_id}")
+    if promoter.describe("describe_endpoint", EndpointName=settings.endpoint_name) is not None:
+        sm.delete_endpoint(EndpointName=settings.endpoint_name)
+        deleted.append(f"endpoint {settings.endpoint_name}")
+    for config in paged(sm, "list_endpoint_configs", "EndpointConfigs", settings.endpoint_name):
+        if config["EndpointConfigName"].startswith(f"{settings.endpoint_name}-c-"):
+            sm.delete_endpoint_config(EndpointConfigName=config["EndpointConfigName"])
+            deleted.append(f"endpoint config {config['EndpointConfigName']}")
+    for model in paged(sm, "list_models", "Models", settings.endpoint_name):
+        if model["ModelName"].startswith(f"{settings.endpoint_name}-m-"):
+            sm.delete_model(ModelName=model["ModelName"])
+            deleted.append(f"model {model['ModelName']}")
+    return deleted
+
+
+def paged(client: Any, operation: str, key: str, name_contains: str) -> list[dict]:
+    items, token = [], None
+    for _ in range(1000):  # bounded: 100 000 items
+        arguments: dict[str, Any] = {"NameContains": name_contains, "MaxResults": 100}
+        if token:
+            arguments["NextToken"] = token
+        page = getattr(client, operation)(**arguments)
+        items += page.get(key, [])
+        token = page.get("NextToken")
+        if not token:
+            break
+    return items
+
+
+def iam_policies(settings: Settings) -> dict[str, dict]:
+    """Least privilege: what the endpoint's execution role and the promoting user need."""
+    partition = "aws-cn" if settings.region.startswith("cn-") else "aws"
+    account, region = settings.account_id, settings.region
+    objects = f"arn:{partition}:s3:::{settings.bucket}/{settings.prefix}/*"
+    bucket = f"arn:{partition}:s3:::{settings.bucket}"
+    repository = f"arn:{partition}:ecr:{region}:{account}:repository/{settings.image_repository}"
+    endpoint = settings.endpoint_name
+    sagemaker = f"arn:{partition}:sagemaker:{region}:{account}"
+    log_group = (
+        f"arn:{partition}:logs:{region}:{account}:log-group:/aws/sagemaker/Endpoints/{endpoint}"  # noqa: E501
+    )
+    execution_role = {
+        "Version": "2012-10-17",
+        "Statement": [
+            {"Sid": "ReadModels", "Effect": "Allow", "Action": "s3:GetObject", "Resource": objects},
+            {
+                "Sid": "PullImage",
+                "Effect": "Allow",
+                "Action": [
+                    "ecr:BatchGetImage",
+                    "ecr:GetDownloadUrlForLayer",
+                    "ecr:BatchCheckLayerAvailability",
+                ],
+                "Resource": repository,
+            },
+            {
+                "Sid": "EcrLogin",
+                "Effect": "Allow",
+                "Action": "ecr:GetAuthorizationToken",
+                "Resource": "*",
+            },
+            {
+                "Sid": "Logs",
+                "Effect": "Allow",
+                "Action": [
+                    "logs:CreateLogGroup",
+                    "logs:CreateLogStream",
+                    "logs:PutLogEvents",
+                    "logs:DescribeLogStreams",
+                ],
+                "Resource": [log_group, f"{log_group}:*"],
+            },
+            {
+                "Sid": "Metrics",
+                "Effect": "Allow",
+                "Action": "cloudwatch:PutMetricData",
+                "Resource": "*",
+                "Condition": {"StringLike": {"cloudwatch:namespace": "/aws/sagemaker/*"}},
+            },
+        ],
+    }
+    promoting_user = {
+        "Version": "2012-10-17",
+        "Statement": [
+            {
+                "Sid": "Upload",
+                "Effect": "Allow",
+                "Action": ["s3:PutObject", "s3:GetObject", "s3:AbortMultipartUpload"],
+                "Resource": objects,
+            },
+            {
+                "Sid": "ListModels",
+                "Effect": "Allow",
+                "Action": "s3:ListBucket",
+                "Resource": bucket,
+                "Condition": {"StringLike": {"s3:prefix": f"{settings.prefix}/*"}},
+            },
+            {
+                "Sid": "PushImage",
+                "Effect": "Allow",
+                "Action": [
+                    "ecr:DescribeImages",
+                    "ecr:BatchCheckLayerAvailability",
+                    "ecr:InitiateLayerUpload",
+                    "ecr:UploadLayerPart",
+                    "ecr:CompleteLayerUpload",
+                    "ecr:PutImage",
+                    "ecr:BatchGetImage",
+                ],
+                "Resource": repository,
+            },
+            {
+                "Sid": "EcrLogin",
+                "Effect": "Allow",
+                "Action": "ecr:GetAuthorizationToken",
+                "Resource": "*",
+            },
+            {
+                "Sid": "Endpoint",
+                "Effect": "Allow",
+                "Action": [
+                    "sagemaker:CreateModel",
+                    "sagemaker:DescribeModel",
+                    "sagemaker:DeleteModel",
+                    "sagemaker:CreateEndpointConfig",
+                    "sagemaker:DescribeEndpointConfig",
+                    "sagemaker:DeleteEndpointConfig",
+                    "sagemaker:CreateEndpoint",
+                    "sagemaker:UpdateEndpoint",
+                    "sagemaker:DescribeEndpoint",
+                    "sagemaker:DeleteEndpoint",
+                    "sagemaker:InvokeEndpoint",
+                    "sagemaker:AddTags",
+                ],
+                "Resource": [
+                    f"{sagemaker}:model/{endpoint}-m-*",
+                    f"{sagemaker}:endpoint-config/{endpoint}-c-*",
+                    f"{sagemaker}:endpoint/{endpoint}",
+                ],
+            },
+            {
+                "Sid": "ListForTeardown",
+                "Effect": "Allow",
+                "Action": ["sagemaker:ListModels", "sagemaker:ListEndpointConfigs"],
+                "Resource": "*",
+            },
+            {
+                "Sid": "PassExecutionRole",
+                "Effect": "Allow",
+                "Action": "iam:PassRole",
+                "Resource": settings.role_arn or f"arn:{partition}:iam::{account}:role/<ROLE>",
+                "Condition": {"StringEquals": {"iam:PassedToService": "sagemaker.amazonaws.com"}},
+            },
+            {
+                "Sid": "Autoscaling",
+                "Effect": "Allow",
+                "Action": [
+                    "application-autoscaling:RegisterScalableTarget",
+                    "application-autoscaling:DeregisterScalableTarget",
+                    "application-autoscaling:DescribeScalableTargets",
+                    "application-autoscaling:PutScalingPolicy",
+                    "application-autoscaling:DeleteScalingPolicy",
+                    "application-autoscaling:DescribeScalingPolicies",
+                    "cloudwatch:PutMetricAlarm",
+                    "cloudwatch:DescribeAlarms",
+                    "cloudwatch:DeleteAlarms",
+                ],
+                "Resource": "*",
+            },
+            {
+                "Sid": "AutoscalingServiceRole",
+                "Effect": "Allow",
+                "Action": "iam:CreateServiceLinkedRole",
+                "Resource": "*",
+                "Condition": {
+                    "StringLike": {
+                        "iam:AWSServiceName": "sagemaker.application-autoscaling.amazonaws.com"
+                    }
+                },
+            },
+        ],
+    }
+    return {"execution_role": execution_role, "promoting_user": promoting_user}
+
+
+# ---------------------------------------------------------------------------------------------
+# The image step's build (where Docker runs)
+
+
+def build_and_push_image(settings: Settings, environ: Mapping[str, str]) -> str:
+    """IMAGE_URI when given; else build and push where an engine runs; else say both options."""
+    from scripts import image
+
+    if environ.get("IMAGE_URI"):
+        return environ["IMAGE_URI"]
+    if not image.engine_reachable():
+        raise PromoteError(
+            "no image: pass IMAGE_URI=<account>.dkr.ecr.<region>.amazonaws.com/<repository>:<tag>"
+            " of a pushed image, or run `make promote` where a Docker engine runs to build and "
+            "push one"
+        )
+    repository = environ.get("IMAGE_REPOSITORY") or (
+        f"{settings.account_id}.dkr.ecr.{settings.region}.amazonaws.com/{settings.image_repository}"
+    )
+    remote = image.build_and_push(repository, dict(environ))
+    if remote is None:
+        raise PromoteError("building or pushing the image failed (see the docker output above)")
+    return remote
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line
+
+
+def run(args: argparse.Namespace, settings: Settings, promoter: Promoter) -> int:
+    artifacts = read_artifacts(args.store)
+    image_uri = os.environ.get("IMAGE_URI", "")
+    if args.dry_run:  # offline: what would happen, and what would stop it
+        problems = []
+        for check in (
+            lambda: check_settings(settings),
+            lambda: gate(artifacts, args.record, args.force, args.allow_tiny, promoter.say),
+        ):
+            try:
+                check()
+            except PromoteError as error:
+                problems.append(str(error))
+        for line in plan_lines(settings, artifacts, image_uri or None):
+            promoter.say(line)
+        for problem in problems:
+            promoter.say(f"would stop: {problem}")
+        return 1 if problems else 0
+    check_settings(settings)
+    # the gate first: nothing is built, pushed or uploaded for archives that may not go out
+    gate(artifacts, args.record, args.force, args.allow_tiny, promoter.say)
+    image = promoter.resolve_image(build_and_push_image(settings, os.environ))
+    promoter.upload(artifacts)
+    endpoint = promoter.ensure_endpoint(image)
+    promoter.scale()
+    if not args.no_smoke:
+        from scripts.examples import requests as example_requests
+
+        promoter.smoke(artifacts, example_requests(sd_steps=2))
+    write_promotion(args.output, settings, image, endpoint, artifacts)
+    changed = len(promoter.mutating_operations)
+    promoter.say(f"promoted: {args.output} ({changed} mutating calls)")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m scripts.promote",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--config", type=Path, default=SETTINGS_FILE)
+    for name in ("region", "bucket", "prefix", "role-arn", "endpoint-name", "instance-type"):
+        parser.add_argument(f"--{name}", default=None)
+    parser.add_argument("--instance-count", type=int, default=None)
+    parser.add_argument("--store", type=Path, default=DEFAULT_STORE)
+    parser.add_argument("--record", type=Path, default=TESTED_RECORD, help=argparse.SUPPRESS)
+    parser.add_argument("--output", type=Path, default=PROMOTION_FILE)
+    parser.add_argument(
+        "--dry-run",
+        action="store_true",
+        default=os.environ.get("DRY_RUN", "") not in ("", "0"),
+        help="print the plan; create no AWS client (DRY_RUN=1)",
+    )
+    parser.add_argument("--debug", action="store_true", help="log every AWS call (botocore)")
+    commands = parser.add_subparsers(dest="command", required=True)
+    run_parser = commands.add_parser("run", help="every step, in order")
+    for sub in (run_parser, commands.add_parser("gate", help="check the tested record")):
+        sub.add_argument("--force", action="store_true", help="promote untested archives")
+        sub.add_argument("--allow-tiny", action="store_true", help="promote random weights")
+    run_parser.add_argument("--no-smoke", action="store_true", help="skip the smoke test")
+    commands.add_parser("upload", help="upload the archives (content-addressed, verified)")
+    endpoint_parser = commands.add_parser("endpoint", help="create or update the endpoint")
+    endpoint_parser.add_argument("--image", default=None, help="default: IMAGE_URI")
+    commands.add_parser("scale", help="register autoscaling as configured")
+    commands.add_parser("smoke", help="invoke every model once through sagemaker-runtime")
+    commands.add_parser("models", help="list the endpoint's models")
+    teardown_parser = commands.add_parser("teardown", help="delete endpoint, configs, models")
+    teardown_parser.add_argument("--yes", action="store_true", help="no confirmation prompt")
+    commands.add_parser("iam-policy", help="print least-privilege IAM policies")
+    return parser
+
+
+@contextlib.contextmanager
+def debug_logging(enabled: bool) -> Iterator[None]:
+    """--debug: botocore's own DEBUG log (every request and response) on stderr, for this run.
+    botocore never logs the secret key; the signature it logs is no credential."""
+    if not enabled:
+        yield
+        return
+    logger = logging.getLogger("botocore")
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(name)s [%(levelname)s] %(message)s"))
+    level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.DEBUG)
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        overrides = {
+            "region": args.region,
+            "bucket": args.bucket,
+            "prefix": args.prefix,
+            "role_arn": args.role_arn,
+            "endpoint_name": args.endpoint_name,
+            "instance_type": args.instance_type,
+            "instance_count": args.instance_count,
+        }
+        settings = load_settings(args.config, overrides=overrides)
+        with debug_logging(args.debug and not args.dry_run):
+            if args.debug:
+                print(f"settings: {json.dumps(asdict(settings), sort_keys=True)}", file=sys.stderr)
+            return dispatch(args, settings, Promoter(settings))
+    except PromoteError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    except Exception as error:  # AWS refused: one line, with the code AWS gave
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        if isinstance(error, ClientError | BotoCoreError):
+            print(f"error: AWS: {error}", file=sys.stderr)
+            return 1
+        raise
+
+
+def dispatch(args: argparse.Namespace, settings: Settings, promoter: Promoter) -> int:
+    command = args.command
+    if command == "run":
+        return run(args, settings, promoter)
+    if command == "iam-policy":
+        print(json.dumps(iam_policies(settings), indent=2))
+        return 0
+    artifacts = read_artifacts(args.store) if command in ("gate", "upload", "smoke") else []
+    if command == "gate":
+        gate(artifacts, args.record, args.force, args.allow_tiny, promoter.say)
+        return 0
+    if args.dry_run:
+        promoter.say(f"dry run: `{command}` would call AWS; nothing done")
+        return 0
+    check_settings(settings)
+    if command == "upload":
+        promoter.upload(artifacts)
+    elif command == "endpoint":
+        image = args.image or os.environ.get("IMAGE_URI", "")
+        if not image:
+            raise PromoteError("endpoint: pass --image or IMAGE_URI=<image>")
+        promoter.ensure_endpoint(promoter.resolve_image(image))
+    elif command == "scale":
+        promoter.scale()
+    elif command == "smoke":
+        from scripts.examples import requests as example_requests
+
+        promoter.smoke(artifacts, example_requests(sd_steps=2))
+    elif command == "models":
+        for item in list_models(promoter):
+            print(f"{item['target_model']}\t{item['size']}\t{item['last_modified']}")
+    elif command == "teardown":
+        if not args.yes:
+            answer = input(
+                f"Delete endpoint {settings.endpoint_name}, its configs and models in "
+                f"{settings.region}? Type the endpoint name to confirm: "
+            )
+            if answer.strip() != settings.endpoint_name:
+                print("not confirmed: nothing deleted")
+                return 1
+        for line in teardown(promoter) or ["nothing to delete"]:
+            print(f"deleted {line}" if line != "nothing to delete" else line)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

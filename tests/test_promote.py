@@ -1,0 +1,541 @@
+"""`make promote` against a moto server on loopback (S3, ECR, SageMaker, Application Auto
+Scaling), and botocore's Stubber for the UpdateEndpoint sequences moto does not implement.
+
+moto's SageMaker knows no ml.g5 instance types, so these runs use ml.g4dn.2xlarge (also a GPU
+instance); the default stays ml.g5.2xlarge (configs/promote.yaml).
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+
+import boto3
+import pytest
+from botocore.stub import Stubber
+
+from scripts import promote
+from scripts.archive import archive_models, read_manifest, write_manifest
+from scripts.weights import MODELS
+from tests.conftest import BUCKET, FAKE_SECRET, IMAGE, IMAGE_TAG_URI, ROLE
+
+
+@pytest.fixture(scope="module")
+def tiny_archives(tmp_path_factory: pytest.TempPathFactory, weights_root: Path) -> Path:
+    store = tmp_path_factory.mktemp("promote-store")
+    archive_models(MODELS, "tiny", store, weights_root)
+    return store
+
+
+@pytest.fixture
+def store(tiny_archives: Path, tmp_path: Path) -> Path:
+    """A copy of the tiny store a test may change, with its tested record beside it."""
+    copy = tmp_path / "model_store"
+    shutil.copytree(tiny_archives, copy)
+    promote.record_tested(copy, "tests", tmp_path / "tested.json")
+    return copy
+
+
+def argv(store: Path, *command: str, **flags: str) -> list[str]:
+    options = {
+        "bucket": BUCKET,
+        "role-arn": ROLE,
+        "instance-type": "ml.g4dn.2xlarge",
+        "store": str(store),
+        "record": str(store.parent / "tested.json"),
+        "output": str(store.parent / "promotion.json"),
+        **flags,
+    }
+    return [item for name, value in options.items() for item in (f"--{name}", value)] + list(
+        command
+    )
+
+
+def run_promote(store: Path, *extra: str) -> tuple[int, promote.Promoter]:
+    """`run` as main() does it, keeping the Promoter to read its calls back."""
+    args = promote.build_parser().parse_args(argv(store, "run", "--allow-tiny", *extra))
+    settings = promote.load_settings(
+        args.config,
+        overrides={
+            "bucket": args.bucket,
+            "role_arn": args.role_arn,
+            "instance_type": args.instance_type,
+        },
+    )
+    promoter = promote.Promoter(settings, say=lambda line: None)
+    return promote.run(args, settings, promoter), promoter
+
+
+def s3_keys() -> dict[str, bytes]:
+    s3 = boto3.client("s3", region_name="us-east-1")
+    listed = s3.list_objects_v2(Bucket=BUCKET).get("Contents", [])
+    return {o["Key"]: s3.get_object(Bucket=BUCKET, Key=o["Key"])["Body"].read() for o in listed}
+
+
+# ---------------------------------------------------------------------------------------------
+# Against moto
+
+
+def test_full_promote_then_a_rerun_makes_no_mutating_call(aws, store):
+    code, first = run_promote(store, "--no-smoke")
+    assert code == 0
+    assert sorted(first.mutating_operations) == sorted(
+        ["PutObject"] * 3
+        + ["CreateModel", "CreateEndpointConfig", "CreateEndpoint"]
+        + ["RegisterScalableTarget", "PutScalingPolicy"]
+    )
+    record = json.loads((store.parent / "promotion.json").read_text())
+    manifest = read_manifest(store)["models"]
+    keys = s3_keys()
+    for model in MODELS:
+        sha = manifest[model]["sha256"]
+        entry = record["models"][model]
+        assert entry == {
+            "target_model": f"{model}-{sha[:12]}.tar.gz",
+            "sha256": sha,
+            "size": manifest[model]["size"],
+        }
+        uploaded = keys[f"mmekit/models/{entry['target_model']}"]
+        assert hashlib.sha256(uploaded).hexdigest() == sha  # the tested bytes, unchanged
+    assert record["image"].endswith("@" + record["image_digest"])
+    assert record["image_digest"].startswith("sha256:")
+
+    sm = boto3.client("sagemaker", region_name="us-east-1")
+    endpoint = sm.describe_endpoint(EndpointName="mmekit")
+    assert endpoint["EndpointStatus"] == "InService"
+    assert endpoint["EndpointConfigName"] == record["endpoint_config"]
+    container = sm.describe_model(ModelName=record["model"])["PrimaryContainer"]
+    assert container["Mode"] == "MultiModel"
+    assert container["Image"] == record["image"] and "@sha256:" in container["Image"]
+    assert container["ModelDataUrl"] == f"s3://{BUCKET}/mmekit/models/"
+    assert not any(promote.SECRET_NAME.search(k) for k in container.get("Environment", {}))
+    scaling = boto3.client("application-autoscaling", region_name="us-east-1")
+    (target,) = scaling.describe_scalable_targets(ServiceNamespace="sagemaker")["ScalableTargets"]
+    assert (target["MinCapacity"], target["MaxCapacity"]) == (1, 2)
+    (policy,) = scaling.describe_scaling_policies(ServiceNamespace="sagemaker")["ScalingPolicies"]
+    tracking = policy["TargetTrackingScalingPolicyConfiguration"]
+    assert tracking["ScaleInCooldown"] == 600
+
+    code, second = run_promote(store, "--no-smoke")
+    assert code == 0 and second.mutating_operations == []
+    assert second.operations  # it did look
+
+
+def test_a_changed_tarball_gets_a_new_key_and_target_model_and_nothing_else(aws, store):
+    assert run_promote(store, "--no-smoke")[0] == 0
+    before = json.loads((store.parent / "promotion.json").read_text())
+    tarball = store / "lama.tar.gz"
+    tarball.write_bytes(tarball.read_bytes() + b"\0" * 1024)  # still a valid gzip'd tar
+    manifest = read_manifest(store)
+    manifest["models"]["lama"].update(
+        sha256=hashlib.sha256(tarball.read_bytes()).hexdigest(), size=tarball.stat().st_size
+    )
+    write_manifest(store, manifest)
+    promote.record_tested(store, "tests", store.parent / "tested.json")
+
+    code, rerun = run_promote(store, "--no-smoke")
+    assert code == 0 and rerun.mutating_operations == ["PutObject"]
+    after = json.loads((store.parent / "promotion.json").read_text())
+    assert after["models"]["lama"]["target_model"] != before["models"]["lama"]["target_model"]
+    assert after["models"]["sam"] == before["models"]["sam"]
+    assert after["endpoint_config"] == before["endpoint_config"]
+    assert len([k for k in s3_keys() if "/lama-" in k]) == 2  # the old one stays, for rollbacks
+
+
+def test_an_object_with_other_bytes_at_the_key_aborts_and_is_left_alone(aws, store, capsys):
+    artifact = next(a for a in promote.read_artifacts(store) if a.model == "sam")
+    squatter = b"not the tested tarball"
+    s3 = boto3.client("s3", region_name="us-east-1")
+    key = f"mmekit/models/{artifact.target_model}"
+    s3.put_object(Bucket=BUCKET, Key=key, Body=squatter, ChecksumAlgorithm="SHA256")
+    assert promote.main(argv(store, "run", "--allow-tiny", "--no-smoke")) == 1
+    err = capsys.readouterr().err
+    assert "holds other bytes" in err and "refusing" in err and err.count("\n") == 1
+    assert s3.get_object(Bucket=BUCKET, Key=key)["Body"].read() == squatter
+    sm = boto3.client("sagemaker", region_name="us-east-1")
+    assert sm.list_endpoints()["Endpoints"] == []  # stopped before the endpoint step
+
+
+def test_multipart_uploads_are_verified_by_their_composite_checksum(aws, tmp_path, monkeypatch):
+    monkeypatch.setattr(promote, "MULTIPART_THRESHOLD", 5 * 1024 * 1024)
+    monkeypatch.setattr(promote, "PART_SIZE", 5 * 1024 * 1024)
+    path = tmp_path / "sd.tar.gz"
+    path.write_bytes(os.urandom(11 * 1024 * 1024))  # three parts
+    sha = hashlib.sha256(path.read_bytes()).hexdigest()
+    artifact = promote.Artifact("sd", path, sha, path.stat().st_size, "full")
+    settings = promote.Settings(bucket=BUCKET, role_arn=ROLE)
+    uploader = promote.Promoter(settings, say=lambda line: None)
+    assert uploader.upload([artifact])[0]["state"] == "uploaded"
+    assert "CompleteMultipartUpload" in uploader.mutating_operations
+    again = promote.Promoter(settings, say=lambda line: None)
+    assert again.upload([artifact])[0]["state"] == "present"
+    assert again.mutating_operations == []
+    assert hashlib.sha256(s3_keys()[artifact.key(settings)]).hexdigest() == sha
+
+
+def test_the_gate_refuses_untested_hashes_and_tiny_weights(aws, store, capsys):
+    (store.parent / "tested.json").unlink()
+    assert promote.main(argv(store, "run", "--allow-tiny", "--no-smoke")) == 1
+    err = capsys.readouterr().err
+    assert "not tested" in err and "make test-handlers" in err and "--force" in err
+    assert s3_keys() == {}  # nothing went out
+
+    promote.record_tested(store, "tests", store.parent / "tested.json")
+    assert promote.main(argv(store, "run", "--no-smoke")) == 1
+    assert "random-weight archives" in capsys.readouterr().err
+
+
+def test_force_promotes_untested_archives_with_a_warning(aws, store, capsys):
+    (store.parent / "tested.json").unlink()
+    assert promote.main(argv(store, "run", "--allow-tiny", "--force", "--no-smoke")) == 0
+    out = capsys.readouterr().out
+    assert out.count("WARNING: promoting") == 3 and "untested (--force)" in out
+
+
+def test_models_lists_the_target_models(aws, store, capsys):
+    assert run_promote(store, "--no-smoke")[0] == 0
+    capsys.readouterr()
+    assert promote.main(argv(store, "models")) == 0
+    listed = [line.split("\t")[0] for line in capsys.readouterr().out.splitlines()]
+    record = json.loads((store.parent / "promotion.json").read_text())
+    assert sorted(listed) == sorted(m["target_model"] for m in record["models"].values())
+
+
+def test_teardown_asks_first_then_deletes_endpoint_configs_and_models(
+    aws, store, capsys, monkeypatch
+):
+    assert run_promote(store, "--no-smoke")[0] == 0
+    monkeypatch.setattr("builtins.input", lambda prompt: "no")
+    assert promote.main(argv(store, "teardown")) == 1
+    sm = boto3.client("sagemaker", region_name="us-east-1")
+    assert len(sm.list_endpoints()["Endpoints"]) == 1  # not confirmed: untouched
+    monkeypatch.setattr("builtins.input", lambda prompt: "mmekit")
+    assert promote.main(argv(store, "teardown")) == 0
+    out = capsys.readouterr().out
+    assert "deleted endpoint mmekit" in out and "deleted model mmekit-m-" in out
+    assert sm.list_endpoints()["Endpoints"] == []
+    assert sm.list_endpoint_configs()["EndpointConfigs"] == []
+    assert sm.list_models()["Models"] == []
+    assert len(s3_keys()) == 3  # the tarballs stay
+    assert promote.main(argv(store, "teardown", "--yes")) == 0
+    assert "nothing to delete" in capsys.readouterr().out
+
+
+def test_dry_run_prints_a_readable_plan_and_creates_no_client(aws, store, capsys, monkeypatch):
+    def no_clients(*args, **kwargs):
+        raise AssertionError("--dry-run created an AWS client")
+
+    monkeypatch.setattr("scripts.aws.make_client", no_clients)
+    monkeypatch.setattr(boto3, "client", no_clients)
+    monkeypatch.setenv("IMAGE_URI", IMAGE)
+    monkeypatch.setenv("DRY_RUN", "1")
+    assert promote.main(argv(store, "run", "--allow-tiny")) == 0
+    out = capsys.readouterr().out
+    for model in MODELS:
+        assert f"would upload {model}.tar.gz" in out
+    settings = promote.load_settings(
+        overrides={"bucket": BUCKET, "role_arn": ROLE, "instance_type": "ml.g4dn.2xlarge"}
+    )
+    model = promote.model_name(settings, IMAGE)
+    assert f"would create model {model}" in out
+    assert f"would create endpoint config {promote.config_name(settings, model)}" in out
+    assert "between 1 and 2 instances" in out and "would write promotion.json" in out
+    assert not (store.parent / "promotion.json").exists()
+
+
+def test_without_an_engine_or_image_uri_says_both_options(aws, store, capsys, monkeypatch):
+    monkeypatch.delenv("IMAGE_URI")
+    monkeypatch.setattr("scripts.image.engine_reachable", lambda: False)
+    assert promote.main(argv(store, "run", "--allow-tiny", "--no-smoke")) == 1
+    err = capsys.readouterr().err.strip()
+    assert "IMAGE_URI=" in err and "Docker engine" in err and "\n" not in err
+
+
+def test_an_image_tag_missing_from_ecr_is_one_line(aws, store, capsys, monkeypatch):
+    monkeypatch.setenv("IMAGE_URI", IMAGE_TAG_URI.replace(":v1", ":missing"))
+    assert promote.main(argv(store, "run", "--allow-tiny", "--no-smoke")) == 1
+    assert "is not in ECR: push it first" in capsys.readouterr().err
+
+
+def test_no_secret_reaches_any_output_or_file_even_with_debug(aws, store, capfd):
+    assert promote.main(["--debug", *argv(store, "run", "--allow-tiny", "--no-smoke")]) == 0
+    assert promote.main(["--debug", *argv(store, "models")]) == 0
+    captured = capfd.readouterr()
+    assert "PutObject" in captured.err or "put_object" in captured.err.lower()  # debug is on
+    assert FAKE_SECRET not in captured.out + captured.err
+    for path in store.parent.rglob("*"):
+        if path.is_file():
+            assert FAKE_SECRET.encode() not in path.read_bytes(), path
+
+
+# ---------------------------------------------------------------------------------------------
+# Settings, names, IAM
+
+
+def test_settings_come_from_the_file_then_the_environment_then_flags(tmp_path):
+    config = tmp_path / "promote.yaml"
+    config.write_text("bucket: from-file\nprefix: /p/\ninstance_count: 1\n")
+    environ = {"MMEKIT_BUCKET": "from-env", "MMEKIT_INSTANCE_COUNT": "3", "AWS_REGION": "eu-west-1"}
+    settings = promote.load_settings(config, environ, {"instance_count": 2, "bucket": None})
+    assert settings.bucket == "from-env" and settings.instance_count == 2
+    assert settings.prefix == "p" and settings.region == "eu-west-1"
+    assert settings.model_data_url == "s3://from-env/p/"
+
+
+def test_missing_or_bad_settings_are_one_line_each(tmp_path):
+    with pytest.raises(promote.PromoteError, match="MMEKIT_BUCKET"):
+        promote.check_settings(promote.Settings(role_arn=ROLE))
+    with pytest.raises(promote.PromoteError, match="looks like a secret"):
+        promote.check_settings(
+            promote.Settings(
+                bucket=BUCKET, role_arn=ROLE, container_environment={"HF_TOKEN": "abc"}
+            )
+        )
+    with pytest.raises(promote.PromoteError, match="looks like a secret"):
+        promote.check_settings(
+            promote.Settings(
+                bucket=BUCKET, role_arn=ROLE, container_environment={"X": "AKIAABCDEFGHIJKLMNOP"}
+            )
+        )
+    config = tmp_path / "promote.yaml"
+    config.write_text("buckett: typo\n")
+    with pytest.raises(promote.PromoteError, match="unknown settings buckett"):
+        promote.load_settings(config, {})
+
+
+def test_names_follow_the_content_and_change_with_it():
+    settings = promote.Settings(bucket=BUCKET, role_arn=ROLE)
+    model = promote.model_name(settings, IMAGE)
+    assert model == promote.model_name(settings, IMAGE)
+    assert model != promote.model_name(settings, IMAGE.replace("ab", "cd"))
+    bigger = promote.Settings(bucket=BUCKET, role_arn=ROLE, instance_count=2)
+    assert promote.config_name(settings, model) != promote.config_name(bigger, model)
+    assert len(promote.config_name(promote.Settings(endpoint_name="e" * 47), model)) <= 63
+
+
+def test_iam_policies_are_scoped_and_pass_role_is_conditioned():
+    settings = promote.Settings(bucket=BUCKET, role_arn=ROLE, prefix="mmekit/models")
+    policies = promote.iam_policies(settings)
+    role_statements = {s["Sid"]: s for s in policies["execution_role"]["Statement"]}
+    assert role_statements["ReadModels"] == {
+        "Sid": "ReadModels",
+        "Effect": "Allow",
+        "Action": "s3:GetObject",
+        "Resource": f"arn:aws:s3:::{BUCKET}/mmekit/models/*",
+    }
+    assert role_statements["PullImage"]["Resource"].endswith(":123456789012:repository/mmekit")
+    user = {s["Sid"]: s for s in policies["promoting_user"]["Statement"]}
+    assert user["PassExecutionRole"]["Resource"] == ROLE
+    assert user["PassExecutionRole"]["Condition"] == {
+        "StringEquals": {"iam:PassedToService": "sagemaker.amazonaws.com"}
+    }
+    for statement in [*role_statements.values(), *user.values()]:
+        actions = (
+            statement["Action"] if isinstance(statement["Action"], list) else [statement["Action"]]
+        )
+        assert all("*" not in action for action in actions), statement
+
+
+def test_iam_policy_prints_json(capsys):
+    assert promote.main(["--bucket", BUCKET, "--role-arn", ROLE, "iam-policy"]) == 0
+    assert set(json.loads(capsys.readouterr().out)) == {"execution_role", "promoting_user"}
+
+
+# ---------------------------------------------------------------------------------------------
+# UpdateEndpoint sequences with botocore's Stubber (moto does not implement UpdateEndpoint)
+
+
+OLD_CONFIG = "mmekit-c-000000000000"
+ENDPOINT_ARN = "arn:aws:sagemaker:us-east-1:123456789012:endpoint/mmekit"
+MODEL_ARN = "arn:aws:sagemaker:us-east-1:123456789012:model/m"
+POLICY_ARN = "arn:aws:autoscaling:us-east-1:123456789012:scalingPolicy:x"
+
+
+def stubbed(settings: promote.Settings) -> tuple[promote.Promoter, Stubber, Stubber]:
+    clients = {
+        service: boto3.client(
+            service, region_name="us-east-1", aws_access_key_id="x", aws_secret_access_key="y"
+        )
+        for service in ("sagemaker", "application-autoscaling")
+    }
+    stubs = {service: Stubber(client) for service, client in clients.items()}
+    for stub in stubs.values():
+        stub.activate()
+    promoter = promote.Promoter(
+        settings, client_factory=clients.__getitem__, say=lambda line: None, sleep=lambda s: None
+    )
+    return promoter, stubs["sagemaker"], stubs["application-autoscaling"]
+
+
+def endpoint(status: str, config: str, reason: str | None = None) -> dict:
+    reply = {
+        "EndpointName": "mmekit",
+        "EndpointArn": "arn:aws:sagemaker:us-east-1:123456789012:endpoint/mmekit",
+        "EndpointConfigName": config,
+        "EndpointStatus": status,
+        "CreationTime": "2026-11-26T00:00:00Z",
+        "LastModifiedTime": "2026-11-26T00:00:00Z",
+    }
+    if reason:
+        reply["FailureReason"] = reason
+    return reply
+
+
+def config_reply(name: str, instance_type: str) -> dict:
+    return {
+        "EndpointConfigName": name,
+        "EndpointConfigArn": f"arn:aws:sagemaker:us-east-1:123456789012:endpoint-config/{name}",
+        "ProductionVariants": [
+            {"VariantName": "AllTraffic", "ModelName": "m", "InstanceType": instance_type}
+        ],
+        "CreationTime": "2026-11-26T00:00:00Z",
+    }
+
+
+def up_to_update(sm: Stubber, settings: promote.Settings, old_type: str = "ml.g5.2xlarge") -> str:
+    """The calls before UpdateEndpoint: model and config exist, the endpoint serves OLD_CONFIG."""
+    model = promote.model_name(settings, IMAGE)
+    config = promote.config_name(settings, model)
+    sm.add_response(
+        "describe_model",
+        {"ModelName": model, "ModelArn": "arn:aws:sagemaker:us-east-1:1:model/m",
+         "CreationTime": "2026-11-26T00:00:00Z"},
+        {"ModelName": model},
+    )  # fmt: skip
+    sm.add_response(
+        "describe_endpoint_config",
+        config_reply(config, settings.instance_type),
+        {"EndpointConfigName": config},
+    )
+    sm.add_response(
+        "describe_endpoint", endpoint("InService", OLD_CONFIG), {"EndpointName": "mmekit"}
+    )
+    sm.add_response(
+        "describe_endpoint_config",
+        config_reply(OLD_CONFIG, old_type),
+        {"EndpointConfigName": OLD_CONFIG},
+    )
+    return config
+
+
+SETTINGS = promote.Settings(bucket=BUCKET, role_arn=ROLE, poll_s=0, wait_timeout_s=60)
+
+
+def test_update_moves_the_endpoint_to_the_new_config():
+    promoter, sm, _ = stubbed(SETTINGS)
+    config = up_to_update(sm, SETTINGS)
+    sm.add_response(
+        "update_endpoint",
+        {"EndpointArn": ENDPOINT_ARN},
+        {"EndpointName": "mmekit", "EndpointConfigName": config},
+    )
+    sm.add_response("describe_endpoint", endpoint("Updating", OLD_CONFIG))
+    sm.add_response("describe_endpoint", endpoint("InService", config))
+    result = promoter.ensure_endpoint(IMAGE)
+    assert result["changed"] and result["config"] == config
+    sm.assert_no_pending_responses()
+    assert promoter.mutating_operations == ["UpdateEndpoint"]  # the old config is not deleted
+
+
+def test_a_silent_rollback_fails_the_promotion():
+    promoter, sm, _ = stubbed(SETTINGS)
+    config = up_to_update(sm, SETTINGS)
+    sm.add_response("update_endpoint", {"EndpointArn": ENDPOINT_ARN})
+    sm.add_response("describe_endpoint", endpoint("Updating", OLD_CONFIG))
+    sm.add_response("describe_endpoint", endpoint("RollingBack", OLD_CONFIG))
+    sm.add_response("describe_endpoint", endpoint("InService", OLD_CONFIG))
+    with pytest.raises(promote.PromoteError, match="rolled back") as raised:
+        promoter.ensure_endpoint(IMAGE)
+    assert OLD_CONFIG in str(raised.value) and config in str(raised.value)
+
+
+@pytest.mark.parametrize("status", ["UpdateRollbackFailed", "Failed"])
+def test_a_failed_update_fails_fast_with_the_reason(status):
+    promoter, sm, _ = stubbed(SETTINGS)
+    up_to_update(sm, SETTINGS)
+    sm.add_response("update_endpoint", {"EndpointArn": ENDPOINT_ARN})
+    sm.add_response("describe_endpoint", endpoint(status, OLD_CONFIG, "CUDA out of memory"))
+    with pytest.raises(promote.PromoteError, match=f"{status}: CUDA out of memory"):
+        promoter.ensure_endpoint(IMAGE)
+    sm.assert_no_pending_responses()  # no further polling
+
+
+def test_throttled_polls_are_retried_until_the_endpoint_settles():
+    promoter, sm, _ = stubbed(SETTINGS)
+    config = up_to_update(sm, SETTINGS)
+    sm.add_response("update_endpoint", {"EndpointArn": ENDPOINT_ARN})
+    sm.add_client_error("describe_endpoint", "ThrottlingException", "Rate exceeded", 400)
+    sm.add_client_error("describe_endpoint", "ThrottlingException", "Rate exceeded", 400)
+    sm.add_response("describe_endpoint", endpoint("InService", config))
+    assert promoter.ensure_endpoint(IMAGE)["config"] == config
+
+
+def test_throttling_that_outlasts_retries_is_one_line(capsys, monkeypatch):
+    promoter, sm, _ = stubbed(SETTINGS)
+    up_to_update(sm, SETTINGS)
+    sm.add_client_error("update_endpoint", "ThrottlingException", "Rate exceeded", 400)
+    monkeypatch.setattr(promote, "Promoter", lambda settings: promoter)
+    monkeypatch.setenv("IMAGE_URI", IMAGE)
+    assert promote.main(["--bucket", BUCKET, "--role-arn", ROLE, "endpoint"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: AWS:") and "ThrottlingException" in err and "\n" not in err
+
+
+def test_an_instance_type_change_releases_autoscaling_before_the_update():
+    settings = promote.Settings(
+        bucket=BUCKET, role_arn=ROLE, poll_s=0, instance_type="ml.g5.4xlarge"
+    )
+    promoter, sm, scaling = stubbed(settings)
+    config = up_to_update(sm, settings, old_type="ml.g5.2xlarge")
+    resource = settings.scaling_resource_id
+    dimension = "sagemaker:variant:DesiredInstanceCount"
+    scaling.add_response(
+        "describe_scalable_targets",
+        {"ScalableTargets": [{"ServiceNamespace": "sagemaker", "ResourceId": resource,
+          "ScalableDimension": dimension, "MinCapacity": 1, "MaxCapacity": 2,
+          "RoleARN": ROLE, "CreationTime": "2026-11-26T00:00:00Z"}]},
+    )  # fmt: skip
+    scaling.add_response(
+        "describe_scaling_policies",
+        {"ScalingPolicies": [{"PolicyARN": POLICY_ARN, "PolicyName": "mmekit-target-tracking",
+          "ServiceNamespace": "sagemaker", "ResourceId": resource, "ScalableDimension": dimension,
+          "PolicyType": "TargetTrackingScaling", "CreationTime": "2026-11-26T00:00:00Z"}]},
+    )  # fmt: skip
+    scaling.add_response("delete_scaling_policy", {})
+    scaling.add_response("deregister_scalable_target", {})
+    sm.add_response("update_endpoint", {"EndpointArn": ENDPOINT_ARN})
+    sm.add_response("describe_endpoint", endpoint("InService", config))
+    promoter.ensure_endpoint(IMAGE)
+    assert promoter.mutating_operations == [
+        "DeleteScalingPolicy",
+        "DeregisterScalableTarget",
+        "UpdateEndpoint",
+    ]
+
+
+def test_a_failed_endpoint_is_reported_not_updated():
+    promoter, sm, _ = stubbed(SETTINGS)
+    model = promote.model_name(SETTINGS, IMAGE)
+    config = promote.config_name(SETTINGS, model)
+    sm.add_response(
+        "describe_model",
+        {"ModelName": model, "ModelArn": MODEL_ARN, "CreationTime": "2026-11-26T00:00:00Z"},
+    )
+    sm.add_response("describe_endpoint_config", config_reply(config, "ml.g5.2xlarge"))
+    sm.add_response("describe_endpoint", endpoint("Failed", OLD_CONFIG, "image not found"))
+    with pytest.raises(promote.PromoteError, match="image not found.*make teardown"):
+        promoter.ensure_endpoint(IMAGE)
+    assert promoter.mutating_operations == []
+
+
+def test_expected_checksums_match_what_s3_reports(tmp_path, monkeypatch):
+    path = tmp_path / "small.tar.gz"
+    path.write_bytes(b"x" * 1000)
+    digest = hashlib.sha256(b"x" * 1000)
+    assert promote.expected_checksums(path, digest.hexdigest()) == {
+        base64.b64encode(digest.digest()).decode()
+    }
