@@ -19,12 +19,18 @@ RETRIES = {"mode": "standard", "max_attempts": 8}
 ClientFactory = Callable[[str], Any]
 
 
-def make_client(service: str, region: str | None = None, read_timeout: float = 120.0) -> Any:
-    """A boto3 client for `service` in `region`, with standard retries."""
+def make_client(
+    service: str,
+    region: str | None = None,
+    read_timeout: float = 120.0,
+    endpoint_url: str | None = None,
+) -> Any:
+    """A boto3 client for `service` in `region`, with standard retries; `endpoint_url` only
+    where a tool takes one explicitly (the emulator's S3_ENDPOINT_URL)."""
     config = Config(
         region_name=region,
         retries=RETRIES,
         read_timeout=read_timeout,
         user_agent_extra="mmekit",
     )
-    return boto3.session.Session().client(service, config=config)
+    return boto3.session.Session().client(service, endpoint_url=endpoint_url, config=config)

@@ -135,10 +135,10 @@ class S3Source:
 
 
 def make_s3_client(endpoint_url: str | None = None, region: str | None = None) -> Any:
-    """The one seam for the emulator's AWS client (tests point it at a moto server)."""
-    import boto3
+    """The emulator's S3 client, from the project's one seam (tests point it at moto)."""
+    from scripts.aws import make_client
 
-    return boto3.client("s3", endpoint_url=endpoint_url, region_name=region or REGION)
+    return make_client("s3", region or REGION, endpoint_url=endpoint_url)
 
 
 # ---------------------------------------------------------------------------------------------
