@@ -65,6 +65,18 @@ def git_sha() -> str:
     return result.stdout.strip()
 
 
+def working_tree_dirty() -> bool:
+    """Uncommitted changes to tracked files (the image would not be what its tag says)."""
+    result = subprocess.run(
+        ["git", "status", "--porcelain", "--untracked-files=no"],
+        cwd=PROJECT_ROOT,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    return result.returncode != 0 or bool(result.stdout.strip())
+
+
 def build_command(tag: str, environ: dict[str, str]) -> list[str]:
     command = ["docker", "build", "--tag", tag]
     for name in BUILD_ARGS:

@@ -50,7 +50,7 @@ MULTIPART_THRESHOLD = 64 * 1024 * 1024  # one PUT below this; parts of PART_SIZE
 PART_SIZE = 64 * 1024 * 1024
 UPLOAD_THREADS = 8
 # Operations that change nothing: everything else counts as a mutating call.
-READ_ONLY = re.compile(r"^(Describe|List|Get|Head)")
+READ_ONLY = re.compile(r"^(Describe|List|Get|Head|Invoke)")
 SECRET_NAME = re.compile(r"SECRET|PASSWORD|TOKEN|CREDENTIAL|PRIVATE|ACCESS_KEY|API_KEY", re.I)
 AWS_KEY_VALUE = re.compile(r"(AKIA|ASIA)[A-Z0-9]{16}")
 TRANSITIONAL = {"Creating", "Updating", "SystemUpdating", "RollingBack", "Deleting"}
@@ -128,8 +128,9 @@ def load_settings(
         name = f"MMEKIT_{item.name.upper()}"
         if name in environ and item.name not in ("container_environment", "autoscaling"):
             values[item.name] = environ[name]
-    if not values.get("region"):
-        values["region"] = environ.get("AWS_REGION") or environ.get("AWS_DEFAULT_REGION", "")
+    if not values.get("region"):  # as the AWS CLI: the environment, then us-east-1
+        region = environ.get("AWS_REGION") or environ.get("AWS_DEFAULT_REGION")
+        values["region"] = region or "us-east-1"
     for name, value in (overrides or {}).items():
         if value is not None:
             values[name] = value
@@ -254,19 +255,31 @@ def gate(
             say(f"gate: {artifact.path.name} {artifact.sha256[:12]} passed the tests ({when})")
 
 
+def served_digests(store: Path, models: tuple[str, ...] = MODELS) -> dict[str, str]:
+    """model -> SHA-256 of the tarballs in a store, taken when a test session serves them."""
+    return {
+        model: sha256_of(store / f"{model}.tar.gz")
+        for model in models
+        if (store / f"{model}.tar.gz").is_file()
+    }
+
+
 def record_tested(
-    store: Path, tests: str, record: Path = TESTED_RECORD, models: tuple[str, ...] = MODELS
+    store: Path,
+    tests: str,
+    record: Path = TESTED_RECORD,
+    digests: Mapping[str, str] | None = None,
 ) -> list[str]:
-    """Called by a passing test session: the served tarballs' hashes, for the gate."""
+    """Called by a passing test session with the hashes of the tarballs it served (taken when
+    it served them, so a rebuild during the run is not recorded as tested)."""
     entries = read_manifest(store)["models"]
+    digests = served_digests(store) if digests is None else digests
     tested = read_tested(record)
     now = datetime.now(UTC).isoformat(timespec="seconds")
     recorded = []
-    for model in models:
-        path = store / f"{model}.tar.gz"
-        if model not in entries or not path.is_file():
+    for model, digest in digests.items():
+        if model not in entries:
             continue
-        digest = sha256_of(path)
         tested[digest] = {
             "model": model,
             "tier": entries[model]["tier"],
@@ -615,36 +628,53 @@ class Promoter:
             if current["EndpointStatus"] in TRANSITIONAL:
                 self.say(f"endpoint: {name} is {current['EndpointStatus']}; waiting first")
                 current = self.wait(name, expected_config=None)
-            if current["EndpointStatus"] == "Failed":
+            if current["EndpointStatus"] != "InService":  # Failed, UpdateRollbackFailed, ...
                 raise PromoteError(
-                    f"endpoint {name} is Failed ({current.get('FailureReason', 'no reason')}): "
-                    "`make teardown`, then promote again"
+                    f"endpoint {name} is {current['EndpointStatus']} "
+                    f"({current.get('FailureReason', 'no reason given')}): fix it in the "
+                    "console or `make teardown`, then promote again"
                 )
             previous = current["EndpointConfigName"]
             if previous == config:
                 self.say(f"endpoint: {name} already serves {config}")
                 return {"endpoint": name, "config": config, "model": model, "changed": False}
-            self.release_scaling_if_instance_type_changes(previous)
+            released = self.release_scaling_if_instance_type_changes(previous)
             self.say(f"endpoint: updating {name} from {previous} to {config}")
-            self.client("sagemaker").update_endpoint(EndpointName=name, EndpointConfigName=config)
+            try:
+                self.client("sagemaker").update_endpoint(
+                    EndpointName=name, EndpointConfigName=config
+                )
+                self.wait(name, expected_config=config, previous_config=previous)
+            except BaseException:
+                if released:  # the old config still serves: give it its autoscaling back
+                    self.say("scale: restoring autoscaling on the config still in service")
+                    self.scale()
+                raise
+            return {"endpoint": name, "config": config, "model": model, "changed": True}
         self.wait(name, expected_config=config, previous_config=previous)
         return {"endpoint": name, "config": config, "model": model, "changed": True}
 
-    def release_scaling_if_instance_type_changes(self, previous_config: str) -> None:
+    def release_scaling_if_instance_type_changes(self, previous_config: str) -> bool:
         """SageMaker refuses an update that changes a scaled variant's instance type: drop the
-        policy and target first (the scale step puts them back)."""
+        policy and target first (the scale step puts them back). True if it dropped them."""
         described = self.describe("describe_endpoint_config", EndpointConfigName=previous_config)
         variants = (described or {}).get("ProductionVariants", [])
         old_types = {v["VariantName"]: v["InstanceType"] for v in variants}
         if old_types.get(self.settings.variant_name) in (None, self.settings.instance_type):
-            return
+            return False
+        if not self.release_scaling():
+            return False
+        self.say("scale: deregistered the variant while its instance type changes")
+        return True
+
+    def release_scaling(self) -> bool:
+        """Delete the variant's scaling policies and deregister it; False if it had none."""
         scaling = self.client("application-autoscaling")
         targets = scaling.describe_scalable_targets(
             ServiceNamespace="sagemaker", ResourceIds=[self.settings.scaling_resource_id]
         )["ScalableTargets"]
         if not targets:
-            return
-        self.say("scale: deregistering the variant while its instance type changes")
+            return False
         policies = scaling.describe_scaling_policies(
             ServiceNamespace="sagemaker", ResourceId=self.settings.scaling_resource_id
         )["ScalingPolicies"]
@@ -660,6 +690,7 @@ class Promoter:
             ResourceId=self.settings.scaling_resource_id,
             ScalableDimension="sagemaker:variant:DesiredInstanceCount",
         )
+        return True
 
     def wait(
         self, name: str, expected_config: str | None, previous_config: str | None = None
@@ -743,7 +774,8 @@ class Promoter:
     def scale(self) -> dict:
         scaling, settings = self.settings.autoscaling, self.settings
         if not scaling.enabled:
-            self.say("scale: autoscaling disabled in configs/promote.yaml")
+            if self.release_scaling():
+                self.say("scale: autoscaling disabled in configs/promote.yaml: deregistered")
             return {"enabled": False}
         client = self.client("application-autoscaling")
         common = {
@@ -943,12 +975,15 @@ def teardown(promoter: Promoter) -> list[str]:
     if promoter.describe("describe_endpoint", EndpointName=settings.endpoint_name) is not None:
         sm.delete_endpoint(EndpointName=settings.endpoint_name)
         deleted.append(f"endpoint {settings.endpoint_name}")
+    ours = re.compile(rf"{re.escape(settings.endpoint_name)}-(?P<kind>[mc])-[0-9a-f]{{12}}")
     for config in paged(sm, "list_endpoint_configs", "EndpointConfigs", settings.endpoint_name):
-        if config["EndpointConfigName"].startswith(f"{settings.endpoint_name}-c-"):
+        match = ours.fullmatch(config["EndpointConfigName"])
+        if match and match["kind"] == "c":
             sm.delete_endpoint_config(EndpointConfigName=config["EndpointConfigName"])
             deleted.append(f"endpoint config {config['EndpointConfigName']}")
     for model in paged(sm, "list_models", "Models", settings.endpoint_name):
-        if model["ModelName"].startswith(f"{settings.endpoint_name}-m-"):
+        match = ours.fullmatch(model["ModelName"])
+        if match and match["kind"] == "m":
             sm.delete_model(ModelName=model["ModelName"])
             deleted.append(f"model {model['ModelName']}")
     return deleted
@@ -1030,11 +1065,12 @@ def iam_policies(settings: Settings) -> dict[str, dict]:
                 "Resource": objects,
             },
             {
+                # unconditioned: without ListBucket, S3 answers HeadObject on a missing key
+                # with 403 instead of 404, and the upload could not tell "absent" from "denied"
                 "Sid": "ListModels",
                 "Effect": "Allow",
                 "Action": "s3:ListBucket",
                 "Resource": bucket,
-                "Condition": {"StringLike": {"s3:prefix": f"{settings.prefix}/*"}},
             },
             {
                 "Sid": "PushImage",
@@ -1071,6 +1107,7 @@ def iam_policies(settings: Settings) -> dict[str, dict]:
                     "sagemaker:DescribeEndpoint",
                     "sagemaker:DeleteEndpoint",
                     "sagemaker:InvokeEndpoint",
+                    "sagemaker:UpdateEndpointWeightsAndCapacities",  # autoscaling acts as you
                     "sagemaker:AddTags",
                 ],
                 "Resource": [
@@ -1128,8 +1165,10 @@ def iam_policies(settings: Settings) -> dict[str, dict]:
 # The image step's build (where Docker runs)
 
 
-def build_and_push_image(settings: Settings, environ: Mapping[str, str]) -> str:
-    """IMAGE_URI when given; else build and push where an engine runs; else say both options."""
+def build_and_push_image(settings: Settings, environ: Mapping[str, str], promoter: Promoter) -> str:
+    """IMAGE_URI when given; else the image of this commit: reused when ECR already has it (a
+    rebuild could change the digest, and with it the endpoint), built and pushed otherwise,
+    where an engine runs. Never from uncommitted changes: the tag names a commit."""
     from scripts import image
 
     if environ.get("IMAGE_URI"):
@@ -1140,9 +1179,21 @@ def build_and_push_image(settings: Settings, environ: Mapping[str, str]) -> str:
             " of a pushed image, or run `make promote` where a Docker engine runs to build and "
             "push one"
         )
+    if image.working_tree_dirty():
+        raise PromoteError(
+            "uncommitted changes: the image is tagged with the commit, so commit first "
+            "(or pass IMAGE_URI= of an image you built yourself)"
+        )
     repository = environ.get("IMAGE_REPOSITORY") or (
         f"{settings.account_id}.dkr.ecr.{settings.region}.amazonaws.com/{settings.image_repository}"
     )
+    existing = f"{repository}:{image.git_sha()}"
+    try:
+        promoter.resolve_image(existing)
+        promoter.say(f"image: {existing} is already in ECR; not rebuilt")
+        return existing
+    except PromoteError:
+        pass  # not pushed yet
     remote = image.build_and_push(repository, dict(environ))
     if remote is None:
         raise PromoteError("building or pushing the image failed (see the docker output above)")
@@ -1174,7 +1225,7 @@ def run(args: argparse.Namespace, settings: Settings, promoter: Promoter) -> int
     check_settings(settings)
     # the gate first: nothing is built, pushed or uploaded for archives that may not go out
     gate(artifacts, args.record, args.force, args.allow_tiny, promoter.say)
-    image = promoter.resolve_image(build_and_push_image(settings, os.environ))
+    image = promoter.resolve_image(build_and_push_image(settings, os.environ, promoter))
     promoter.upload(artifacts)
     endpoint = promoter.ensure_endpoint(image)
     promoter.scale()
@@ -1189,53 +1240,97 @@ def run(args: argparse.Namespace, settings: Settings, promoter: Promoter) -> int
 
 
 def build_parser() -> argparse.ArgumentParser:
+    def shared(suppress: bool) -> argparse.ArgumentParser:
+        """The global flags, accepted before or after the subcommand (`run --dry-run`)."""
+        flags = argparse.ArgumentParser(add_help=False)
+
+        def default(value: object) -> object:
+            return argparse.SUPPRESS if suppress else value
+
+        flags.add_argument("--config", type=Path, default=default(SETTINGS_FILE))
+        for name in ("region", "bucket", "prefix", "role-arn", "endpoint-name", "instance-type"):
+            flags.add_argument(f"--{name}", default=default(None))
+        flags.add_argument("--instance-count", type=int, default=default(None))
+        flags.add_argument("--store", type=Path, default=default(DEFAULT_STORE))
+        flags.add_argument(
+            "--record", type=Path, default=default(TESTED_RECORD), help=argparse.SUPPRESS
+        )
+        flags.add_argument("--output", type=Path, default=default(PROMOTION_FILE))
+        flags.add_argument(
+            "--dry-run",
+            action="store_true",
+            default=default(os.environ.get("DRY_RUN", "") not in ("", "0")),
+            help="print the plan; create no AWS client (DRY_RUN=1)",
+        )
+        flags.add_argument("--debug", action="store_true", default=default(False),
+                           help="log every AWS call (botocore; credentials redacted)")  # fmt: skip
+        return flags
+
     parser = argparse.ArgumentParser(
         prog="python -m scripts.promote",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
+        parents=[shared(suppress=False)],
     )
-    parser.add_argument("--config", type=Path, default=SETTINGS_FILE)
-    for name in ("region", "bucket", "prefix", "role-arn", "endpoint-name", "instance-type"):
-        parser.add_argument(f"--{name}", default=None)
-    parser.add_argument("--instance-count", type=int, default=None)
-    parser.add_argument("--store", type=Path, default=DEFAULT_STORE)
-    parser.add_argument("--record", type=Path, default=TESTED_RECORD, help=argparse.SUPPRESS)
-    parser.add_argument("--output", type=Path, default=PROMOTION_FILE)
-    parser.add_argument(
-        "--dry-run",
-        action="store_true",
-        default=os.environ.get("DRY_RUN", "") not in ("", "0"),
-        help="print the plan; create no AWS client (DRY_RUN=1)",
-    )
-    parser.add_argument("--debug", action="store_true", help="log every AWS call (botocore)")
+    after = [shared(suppress=True)]
     commands = parser.add_subparsers(dest="command", required=True)
-    run_parser = commands.add_parser("run", help="every step, in order")
-    for sub in (run_parser, commands.add_parser("gate", help="check the tested record")):
+    run_parser = commands.add_parser("run", help="every step, in order", parents=after)
+    gate_parser = commands.add_parser("gate", help="check the tested record", parents=after)
+    for sub in (run_parser, gate_parser):
         sub.add_argument("--force", action="store_true", help="promote untested archives")
         sub.add_argument("--allow-tiny", action="store_true", help="promote random weights")
     run_parser.add_argument("--no-smoke", action="store_true", help="skip the smoke test")
-    commands.add_parser("upload", help="upload the archives (content-addressed, verified)")
-    endpoint_parser = commands.add_parser("endpoint", help="create or update the endpoint")
+    commands.add_parser("upload", help="upload the archives (verified)", parents=after)
+    endpoint_parser = commands.add_parser(
+        "endpoint", help="create or update the endpoint", parents=after
+    )
     endpoint_parser.add_argument("--image", default=None, help="default: IMAGE_URI")
-    commands.add_parser("scale", help="register autoscaling as configured")
-    commands.add_parser("smoke", help="invoke every model once through sagemaker-runtime")
-    commands.add_parser("models", help="list the endpoint's models")
-    teardown_parser = commands.add_parser("teardown", help="delete endpoint, configs, models")
+    commands.add_parser("scale", help="register autoscaling as configured", parents=after)
+    commands.add_parser("smoke", help="invoke every model through sagemaker-runtime", parents=after)
+    commands.add_parser("models", help="list the endpoint's models", parents=after)
+    teardown_parser = commands.add_parser(
+        "teardown", help="delete endpoint, configs, models", parents=after
+    )
     teardown_parser.add_argument("--yes", action="store_true", help="no confirmation prompt")
-    commands.add_parser("iam-policy", help="print least-privilege IAM policies")
+    commands.add_parser("iam-policy", help="print least-privilege IAM policies", parents=after)
     return parser
+
+
+_SECRET_HEADERS = r"(x-amz-security-token|authorization|aws_secret_access_key)"
+CREDENTIAL_IN_LOG = (
+    # quoted, as in a logged dict: 'X-Amz-Security-Token': b'...'
+    re.compile(_SECRET_HEADERS + r"""(['"]?\s*[:=]\s*b?)(['"])(.*?)\3""", re.I),
+    # bare, as in the canonical request: x-amz-security-token:...
+    re.compile(_SECRET_HEADERS + r"(\s*[:=]\s*)([^\s'\",;}]+)", re.I),
+)
+
+
+def redact(text: str) -> str:
+    quoted, bare = CREDENTIAL_IN_LOG
+    text = quoted.sub(lambda m: f"{m[1]}{m[2]}{m[3]}<redacted>{m[3]}", text)
+    return bare.sub(lambda m: f"{m[1]}{m[2]}<redacted>", text)
+
+
+class RedactCredentials(logging.Filter):
+    """botocore's DEBUG log prints signed headers: the session token (SSO, assumed roles) and
+    the Authorization header. Both are replaced before anything is written."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.msg, record.args = redact(record.getMessage()), None
+        return True
 
 
 @contextlib.contextmanager
 def debug_logging(enabled: bool) -> Iterator[None]:
-    """--debug: botocore's own DEBUG log (every request and response) on stderr, for this run.
-    botocore never logs the secret key; the signature it logs is no credential."""
+    """--debug: botocore's own DEBUG log (every request and response) on stderr, for this run,
+    with credentials redacted (RedactCredentials)."""
     if not enabled:
         yield
         return
     logger = logging.getLogger("botocore")
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(asctime)s %(name)s [%(levelname)s] %(message)s"))
+    handler.addFilter(RedactCredentials())
     level = logger.level
     logger.addHandler(handler)
     logger.setLevel(logging.DEBUG)
@@ -1260,8 +1355,10 @@ def main(argv: list[str] | None = None) -> int:
         }
         settings = load_settings(args.config, overrides=overrides)
         with debug_logging(args.debug and not args.dry_run):
-            if args.debug:
-                print(f"settings: {json.dumps(asdict(settings), sort_keys=True)}", file=sys.stderr)
+            if args.debug:  # environment values are the user's: names only
+                shown = asdict(settings)
+                shown["container_environment"] = sorted(settings.container_environment)
+                print(f"settings: {json.dumps(shown, sort_keys=True)}", file=sys.stderr)
             return dispatch(args, settings, Promoter(settings))
     except PromoteError as error:
         print(f"error: {error}", file=sys.stderr)

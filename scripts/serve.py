@@ -283,6 +283,11 @@ class ComposeRuntime:
                 f"the compose runtime serves {DEFAULT_STORE} (compose.yaml mounts it), "
                 f"not {self.model_store}: use RUNTIME=native for another store"
             )
+        if self.run_dir.resolve() != RUN_DIR.resolve():
+            raise ServeError(
+                f"the compose runtime runs in {RUN_DIR} (compose.yaml mounts "
+                f"{RUN_DIR.name}/compose), not {self.run_dir}: use RUNTIME=native for another"
+            )
         self.key_dir.mkdir(parents=True, exist_ok=True)  # owned by the host user, not root
         return subprocess.Popen(
             self.command(config, models, foreground),

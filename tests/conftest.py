@@ -19,7 +19,7 @@ from tests.support import ServedModel, make_model_dir
 SERVING_TESTS = "tests/serving/"
 # What the serving tests did with which store: a run that served a store and passed whole is
 # recorded for `make promote`'s gate (scripts/promote.py: record_tested).
-serving_run = {"store": None, "passed": set(), "failed": 0, "deselected": 0}
+serving_run = {"store": None, "digests": {}, "passed": set(), "failed": 0, "deselected": 0}
 # The flows a promoted archive must have passed: local erase/replace, SageMaker's registration
 # and invoke path, and boto3 through the multi-model endpoint emulator.
 GATE_TESTS = {
@@ -67,7 +67,7 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     from scripts.promote import record_tested
 
     summary = f"{len(serving_run['passed'])} serving tests passed"
-    recorded = record_tested(store, summary)
+    recorded = record_tested(store, summary, digests=serving_run["digests"])
     print(f"\nrecorded {len(recorded)} tested archive(s) from {store} for `make promote`")
 
 

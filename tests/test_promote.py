@@ -209,9 +209,15 @@ def test_teardown_asks_first_then_deletes_endpoint_configs_and_models(
     aws, store, capsys, monkeypatch
 ):
     assert run_promote(store, "--no-smoke")[0] == 0
+    sm = boto3.client("sagemaker", region_name="us-east-1")
+    # another endpoint's model whose name merely starts like ours ("mmekit-m" is an endpoint)
+    sm.create_model(
+        ModelName="mmekit-m-m-0123456789ab",
+        ExecutionRoleArn=ROLE,
+        PrimaryContainer={"Image": IMAGE, "Mode": "MultiModel", "ModelDataUrl": "s3://x/y/"},
+    )
     monkeypatch.setattr("builtins.input", lambda prompt: "no")
     assert promote.main(argv(store, "teardown")) == 1
-    sm = boto3.client("sagemaker", region_name="us-east-1")
     assert len(sm.list_endpoints()["Endpoints"]) == 1  # not confirmed: untouched
     monkeypatch.setattr("builtins.input", lambda prompt: "mmekit")
     assert promote.main(argv(store, "teardown")) == 0
@@ -219,7 +225,7 @@ def test_teardown_asks_first_then_deletes_endpoint_configs_and_models(
     assert "deleted endpoint mmekit" in out and "deleted model mmekit-m-" in out
     assert sm.list_endpoints()["Endpoints"] == []
     assert sm.list_endpoint_configs()["EndpointConfigs"] == []
-    assert sm.list_models()["Models"] == []
+    assert [m["ModelName"] for m in sm.list_models()["Models"]] == ["mmekit-m-m-0123456789ab"]
     assert len(s3_keys()) == 3  # the tarballs stay
     assert promote.main(argv(store, "teardown", "--yes")) == 0
     assert "nothing to delete" in capsys.readouterr().out
@@ -261,15 +267,18 @@ def test_an_image_tag_missing_from_ecr_is_one_line(aws, store, capsys, monkeypat
     assert "is not in ECR: push it first" in capsys.readouterr().err
 
 
-def test_no_secret_reaches_any_output_or_file_even_with_debug(aws, store, capfd):
+def test_no_secret_reaches_any_output_or_file_even_with_debug(aws, store, capfd, monkeypatch):
+    session_token = "FwoGZXIvYXdzEFAKEsessionTOKENdoNotLeak"
+    monkeypatch.setenv("AWS_SESSION_TOKEN", session_token)  # SSO and assumed roles have one
     assert promote.main(["--debug", *argv(store, "run", "--allow-tiny", "--no-smoke")]) == 0
     assert promote.main(["--debug", *argv(store, "models")]) == 0
     captured = capfd.readouterr()
     assert "PutObject" in captured.err or "put_object" in captured.err.lower()  # debug is on
-    assert FAKE_SECRET not in captured.out + captured.err
-    for path in store.parent.rglob("*"):
-        if path.is_file():
-            assert FAKE_SECRET.encode() not in path.read_bytes(), path
+    for secret in (FAKE_SECRET, session_token):
+        assert secret not in captured.out + captured.err
+        for path in store.parent.rglob("*"):
+            if path.is_file():
+                assert secret.encode() not in path.read_bytes(), path
 
 
 # ---------------------------------------------------------------------------------------------
@@ -539,3 +548,64 @@ def test_expected_checksums_match_what_s3_reports(tmp_path, monkeypatch):
     assert promote.expected_checksums(path, digest.hexdigest()) == {
         base64.b64encode(digest.digest()).decode()
     }
+
+
+@pytest.mark.parametrize("status", ["UpdateRollbackFailed", "OutOfService"])
+def test_an_endpoint_that_is_not_in_service_is_never_taken_as_up_to_date(status):
+    promoter, sm, _ = stubbed(SETTINGS)
+    model = promote.model_name(SETTINGS, IMAGE)
+    config = promote.config_name(SETTINGS, model)
+    sm.add_response(
+        "describe_model", {"ModelName": model, "ModelArn": MODEL_ARN, "CreationTime": "2026-11-26"}
+    )
+    sm.add_response("describe_endpoint_config", config_reply(config, "ml.g5.2xlarge"))
+    sm.add_response("describe_endpoint", endpoint(status, config, "driver mismatch"))
+    with pytest.raises(promote.PromoteError, match=f"{status} .driver mismatch"):
+        promoter.ensure_endpoint(IMAGE)
+    assert promoter.mutating_operations == []
+
+
+def test_a_failed_instance_type_change_gives_the_old_config_its_autoscaling_back():
+    settings = promote.Settings(
+        bucket=BUCKET, role_arn=ROLE, poll_s=0, instance_type="ml.g5.4xlarge"
+    )
+    promoter, sm, scaling = stubbed(settings)
+    up_to_update(sm, settings, old_type="ml.g5.2xlarge")
+    resource = settings.scaling_resource_id
+    dimension = "sagemaker:variant:DesiredInstanceCount"
+    target = {"ServiceNamespace": "sagemaker", "ResourceId": resource,
+              "ScalableDimension": dimension, "MinCapacity": 1, "MaxCapacity": 2,
+              "RoleARN": ROLE, "CreationTime": "2026-11-26T00:00:00Z"}  # fmt: skip
+    scaling.add_response("describe_scalable_targets", {"ScalableTargets": [target]})
+    scaling.add_response("describe_scaling_policies", {"ScalingPolicies": []})
+    scaling.add_response("deregister_scalable_target", {})
+    sm.add_response("update_endpoint", {"EndpointArn": ENDPOINT_ARN})
+    sm.add_response("describe_endpoint", endpoint("Failed", OLD_CONFIG, "capacity"))
+    scaling.add_response("describe_scalable_targets", {"ScalableTargets": []})
+    scaling.add_response("register_scalable_target", {})
+    scaling.add_response("describe_scaling_policies", {"ScalingPolicies": []})
+    scaling.add_response("put_scaling_policy", {"PolicyARN": POLICY_ARN, "Alarms": []})
+    with pytest.raises(promote.PromoteError, match="capacity"):
+        promoter.ensure_endpoint(IMAGE)
+    assert promoter.mutating_operations[-2:] == ["RegisterScalableTarget", "PutScalingPolicy"]
+    scaling.assert_no_pending_responses()
+
+
+def test_disabling_autoscaling_deregisters_the_variant(aws, store, tmp_path):
+    assert run_promote(store, "--no-smoke")[0] == 0
+    settings = promote.load_settings(overrides={"bucket": BUCKET, "role_arn": ROLE})
+    disabled = promote.replace(settings, autoscaling=promote.Autoscaling(enabled=False))
+    promoter = promote.Promoter(disabled, say=lambda line: None)
+    assert promoter.scale() == {"enabled": False}
+    assert "DeregisterScalableTarget" in promoter.mutating_operations
+    scaling = boto3.client("application-autoscaling", region_name="us-east-1")
+    assert scaling.describe_scalable_targets(ServiceNamespace="sagemaker")["ScalableTargets"] == []
+
+
+def test_flags_go_before_or_after_the_subcommand(store, capsys):
+    for order in (
+        ["--dry-run", *argv(store, "run", "--allow-tiny")],
+        [*argv(store, "run", "--allow-tiny", "--dry-run")],
+    ):
+        assert promote.main(order) == 0
+        assert "would create endpoint config" in capsys.readouterr().out

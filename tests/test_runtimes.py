@@ -124,7 +124,7 @@ def test_compose_up_publishes_the_native_ports_and_runs_as_this_user(
 ):
     folder = docker_on_path()
     monkeypatch.delenv("MMEKIT_UID", raising=False)
-    runtime = serve.ComposeRuntime(tmp_path / "run", DEFAULT_STORE)
+    runtime = serve.ComposeRuntime(serve.RUN_DIR, DEFAULT_STORE)  # what compose.yaml mounts
     ports = serve.Ports(18080, 18081, 18082, 17070, 17071)
     process = runtime.start(tmp_path / "unused.properties", ["sam"], foreground=False, ports=ports)
     assert process.wait(timeout=30) == 0
@@ -135,7 +135,7 @@ def test_compose_up_publishes_the_native_ports_and_runs_as_this_user(
     ]  # fmt: skip
     assert call["port"] == "18080" and call["uid"] == str(os.getuid())
     # the run folder compose.yaml mounts exists before compose starts (create_host_path: false)
-    assert runtime.key_dir.is_dir() and runtime.key_dir == tmp_path / "run" / "compose"
+    assert runtime.key_dir.is_dir() and runtime.key_dir == PROJECT_ROOT / ".mmekit" / "compose"
 
 
 def test_compose_in_the_foreground_stays_attached(tmp_path):
@@ -143,11 +143,15 @@ def test_compose_in_the_foreground_stays_attached(tmp_path):
     assert command[-2:] == ["up", "--build"]
 
 
-def test_compose_refuses_a_store_it_does_not_mount(docker_on_path, tmp_path):
-    docker_on_path()
-    runtime = serve.ComposeRuntime(tmp_path / "run", tmp_path / "elsewhere")
-    with pytest.raises(serve.ServeError, match="RUNTIME=native"):
-        runtime.start(tmp_path / "unused.properties", [], foreground=True)
+def test_compose_refuses_a_store_or_run_folder_it_does_not_mount(docker_on_path, tmp_path):
+    folder = docker_on_path()
+    for runtime in (
+        serve.ComposeRuntime(serve.RUN_DIR, tmp_path / "elsewhere"),
+        serve.ComposeRuntime(tmp_path / "run", DEFAULT_STORE),
+    ):
+        with pytest.raises(serve.ServeError, match="RUNTIME=native"):
+            runtime.start(tmp_path / "unused.properties", [], foreground=True)
+    assert calls(folder) == []  # nothing started
 
 
 def test_compose_running_pid_is_the_containers_and_stop_is_compose_down(docker_on_path, tmp_path):

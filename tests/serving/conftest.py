@@ -18,6 +18,7 @@ import requests
 
 from scripts.archive import archive_models
 from scripts.examples import write_requests
+from scripts.promote import served_digests
 from scripts.serve import (
     NativeRuntime,
     Ports,
@@ -132,6 +133,7 @@ def served_store(
         store = tmp_path_factory.mktemp("model_store")
         archive_models(MODELS, "tiny", store, weights_root)
     serving_run["store"] = store
+    serving_run["digests"] = served_digests(store)  # what is served now is what gets recorded
     return store
 
 
