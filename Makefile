@@ -6,7 +6,7 @@ VENV_PY := .venv/bin/python
 SETUP := $(PYTHON) -m scripts.bootstrap
 
 .DEFAULT_GOAL := help
-.PHONY: help setup weights fetch-weights archive serve-local serve-mme image promote models teardown iam-policy stop token test test-handlers test-slow lint
+.PHONY: help setup weights fetch-weights archive serve-local serve-mme image edit ui promote models teardown iam-policy stop token test test-handlers test-slow lint
 
 help: ## list the targets
 	@$(PYTHON) -m scripts.make_help Makefile
@@ -44,14 +44,20 @@ teardown: ## delete the endpoint, its configs and models after a confirmation (S
 iam-policy: ## print least-privilege IAM policies for the execution role and the promoting user
 	@$(SETUP) && $(VENV_PY) -m scripts.promote iam-policy
 
+edit: ## the editing client: make edit ARGS="erase photo.jpg --point 410,230 -o out.png"
+	@$(SETUP) && $(VENV_PY) -m scripts.client $(ARGS)
+
+ui: ## the editor in a browser, on 127.0.0.1:8095 (UI_TARGET=local|mme|sagemaker)
+	@$(SETUP) && $(VENV_PY) -m scripts.ui
+
 stop: ## stop a server started with DETACH=1
 	@$(SETUP) && $(VENV_PY) -m scripts.serve stop
 
 token: ## print the inference token of the running local server (for curl)
 	@$(SETUP) && $(VENV_PY) -m scripts.serve token
 
-test: ## set up everything and run all fast tests (the command CI runs)
-	@$(SETUP) && $(VENV_PY) -m pytest
+test: ## set up everything (chromium too, for the editor's browser test) and run all fast tests
+	@$(SETUP) --with-browser && $(VENV_PY) -m pytest
 
 test-handlers: archive ## the handler tests, then model_store/'s archives over HTTP; records what passed
 	@$(VENV_PY) -m pytest tests/handlers tests/serving --store model_store

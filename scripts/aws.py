@@ -11,6 +11,7 @@ from collections.abc import Callable
 from typing import Any
 
 import boto3
+from botocore import UNSIGNED
 from botocore.config import Config
 
 # Throttling and transient errors are retried by botocore itself (standard mode, with back-off).
@@ -24,10 +25,13 @@ def make_client(
     region: str | None = None,
     read_timeout: float = 120.0,
     endpoint_url: str | None = None,
+    unsigned: bool = False,
 ) -> Any:
     """A boto3 client for `service` in `region`, with standard retries; `endpoint_url` only
-    where a tool takes one explicitly (the emulator's S3_ENDPOINT_URL)."""
+    where a tool takes one explicitly (the emulator's S3_ENDPOINT_URL). `unsigned`: no
+    credentials needed, for the local emulator, which ignores signatures."""
     config = Config(
+        signature_version=UNSIGNED if unsigned else None,
         region_name=region,
         retries=RETRIES,
         read_timeout=read_timeout,

@@ -5,6 +5,7 @@ Idempotent and fast when nothing changed: the venv records a hash of what it was
 
     python3 -m scripts.bootstrap            # what every `make` target runs first
     python3 -m scripts.bootstrap --check    # say what is missing, change nothing
+    python3 -m scripts.bootstrap --with-browser  # also Debian's chromium (make test)
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ PYPROJECT = PROJECT_ROOT / "pyproject.toml"
 LOCK = PROJECT_ROOT / "requirements.lock"
 STAMP = VENV / ".mmekit-installed"
 JAVA_PACKAGE = "openjdk-17-jre-headless"
+CHROMIUM = "/usr/bin/chromium"  # Debian's; Playwright drives it (no browser download)
 # torch and torchvision wheels for this pin exist for CPython 3.11 (and lie on local disk here)
 PYTHON_VERSION = (3, 11)
 
@@ -58,6 +60,23 @@ def java_major_version() -> int | None:
     return int(match.group(2)) if major == 1 and match.group(2) else major
 
 
+def apt_install(package: str, why: str) -> None:
+    """Install one Debian package (root, or passwordless sudo); one line on failure."""
+    if shutil.which("apt-get") is None:
+        raise SetupError(f"{why}, and this machine has no apt-get: install {package} yourself")
+    sudo = [] if os.geteuid() == 0 else ["sudo", "-n"]
+    say(f"{why}: installing {package} with apt")
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    try:
+        run([*sudo, "apt-get", "update", "-q"], env=env)
+        run([*sudo, "apt-get", "install", "-y", "-q", "--no-install-recommends", package], env=env)
+    except subprocess.CalledProcessError as error:
+        raise SetupError(
+            f"installing {package} failed (exit {error.returncode}): install it yourself "
+            f"(`sudo apt-get install {package}`) and run again"
+        ) from None
+
+
 def ensure_java(check_only: bool) -> None:
     version = java_major_version()
     if version is not None and version >= 17:
@@ -65,27 +84,20 @@ def ensure_java(check_only: bool) -> None:
     found = "no java" if version is None else f"java {version}"
     if check_only:
         raise SetupError(f"TorchServe needs Java 17+ ({found} found): run `make setup`")
-    if shutil.which("apt-get") is None:
-        raise SetupError(
-            f"TorchServe needs Java 17+ ({found} found) and this machine has no apt-get: "
-            "install a Java 17 runtime and run again"
-        )
-    sudo = [] if os.geteuid() == 0 else ["sudo", "-n"]
-    say(f"{found}: installing {JAVA_PACKAGE} with apt")
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    try:
-        run([*sudo, "apt-get", "update", "-q"], env=env)
-        run(
-            [*sudo, "apt-get", "install", "-y", "-q", "--no-install-recommends", JAVA_PACKAGE],
-            env=env,
-        )
-    except subprocess.CalledProcessError as error:
-        raise SetupError(
-            f"installing {JAVA_PACKAGE} failed (exit {error.returncode}): install it yourself "
-            f"(`sudo apt-get install {JAVA_PACKAGE}`) and run again"
-        ) from None
+    apt_install(JAVA_PACKAGE, f"TorchServe needs Java 17+ ({found} found)")
     if (java_major_version() or 0) < 17:
         raise SetupError(f"{JAVA_PACKAGE} installed but `java -version` still is not 17+")
+
+
+def ensure_browser(check_only: bool) -> None:
+    """Debian's chromium, which the editor's browser test drives through Playwright."""
+    if Path(CHROMIUM).exists():
+        return
+    if check_only:
+        raise SetupError(f"the browser test needs {CHROMIUM}: run `make test` once")
+    apt_install("chromium", f"the editor's browser test needs {CHROMIUM}")
+    if not Path(CHROMIUM).exists():
+        raise SetupError(f"chromium installed but {CHROMIUM} is missing")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -127,6 +139,8 @@ def ensure_venv(check_only: bool) -> None:
     constraints = ["-c", str(LOCK)] if LOCK.exists() else []
     say("installing pinned packages (torch comes from local disk where it lies there)")
     run([*pip, "install", "-q", *constraints, *requirements()])
+    # the project itself, editable: its console command (`mmekit`) on the venv's PATH
+    run([*pip, "install", "-q", "--no-deps", "--no-build-isolation", "-e", str(PROJECT_ROOT)])
     STAMP.write_text(fingerprint + "\n")
 
 
@@ -138,10 +152,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--check", action="store_true", help="report only, change nothing")
     parser.add_argument("--skip-java", action="store_true", help="only the Python side")
+    parser.add_argument("--with-browser", action="store_true", help="chromium too (make test)")
     args = parser.parse_args(argv)
     try:
         if not args.skip_java:
             ensure_java(args.check)
+        if args.with_browser:
+            ensure_browser(args.check)
         ensure_venv(args.check)
     except (SetupError, subprocess.CalledProcessError) as error:
         print(f"[setup] error: {error}", file=sys.stderr)

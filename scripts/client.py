@@ -1,0 +1,592 @@
+"""The editing flow from a terminal: click → mask, erase, replace, against any target.
+
+    mmekit [--target local|mme|sagemaker] segment IMAGE --point X,Y [--label 1] -o mask.png
+    mmekit erase IMAGE (--mask MASK | --point X,Y ...) -o erased.png
+    mmekit replace IMAGE (--mask MASK | --point X,Y ...) --prompt TEXT [--seed N] -o out.png
+
+(`mmekit` is `python -m scripts.client`; `make edit ARGS="..."` runs it too.)
+
+Targets differ only in transport: `local` is TorchServe's inference API (`make serve-local`;
+the token is read from its key file, or MMEKIT_TOKEN), `mme` the local multi-model endpoint
+(`make serve-mme`) and `sagemaker` a real endpoint (name and region from promotion.json, or
+--endpoint/--region), both through boto3's sagemaker-runtime with a TargetModel.
+
+Exit codes: 0 done, 2 the request cannot be sent as given (e.g. over SageMaker's 6 MB body;
+--max-side N downscales and the result comes back at the original size), 3 the target is not
+reachable, 4 the model refused the request (its message is shown), 5 the target failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import io
+import json
+import math
+import os
+import sys
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from PIL import Image, ImageFilter, ImageOps, UnidentifiedImageError
+
+from scripts import PROJECT_ROOT
+
+MAX_BODY_BYTES = 6_291_456  # SageMaker's InvokeEndpoint limit, enforced locally too
+PROMOTION_FILE = PROJECT_ROOT / "promotion.json"
+SEND_FORMATS = {"PNG", "JPEG", "WEBP"}  # sent as the file's own bytes when not resized
+NOT_READY_RETRIES = 8  # ModelNotReadyException: a model still loading on an MME
+
+
+class EditError(Exception):
+    """What went wrong, in one line, and the exit code that says which kind of failure."""
+
+    def __init__(self, message: str, exit_code: int = 1) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+# ---------------------------------------------------------------------------------------------
+# Targets: invoke(model, body) -> the model's JSON reply
+
+
+class Target(Protocol):
+    name: str
+
+    def invoke(self, model: str, body: bytes) -> dict: ...
+
+    def describe(self) -> str: ...
+
+
+def refused(status: int, text: str) -> EditError:
+    """A model's 4xx as one line: its JSON message when it has one."""
+    try:
+        reply = json.loads(text)
+        message = reply.get("message") or reply.get("error") or text
+    except (ValueError, AttributeError):
+        message = text.strip() or f"HTTP {status}"
+    if status >= 500:
+        return EditError(f"the target failed (HTTP {status}): {message}", 5)
+    return EditError(f"refused (HTTP {status}): {message}", 4)
+
+
+@dataclass
+class LocalTarget:
+    """TorchServe's inference API, as `make serve-local` runs it."""
+
+    url: str
+    token: str | None = None
+    timeout: float = 600.0
+    name: str = "local"
+
+    @classmethod
+    def from_environment(cls, url: str | None = None) -> LocalTarget:
+        from scripts.serve import RUN_DIR, ServeError, active_runtime, read_token
+
+        port = os.environ.get("INFERENCE_PORT", "8080")
+        token = os.environ.get("MMEKIT_TOKEN")  # another server's key; else our key file
+        if not token:
+            try:
+                token = read_token(active_runtime(RUN_DIR).key_dir)
+            except (ServeError, OSError, ValueError, KeyError):
+                token = None  # token auth off (sagemaker profile), or no local server yet
+        return cls(url or f"http://127.0.0.1:{port}", token)
+
+    def describe(self) -> str:
+        return f"TorchServe at {self.url}"
+
+    def invoke(self, model: str, body: bytes) -> dict:
+        import requests
+
+        headers = {"Content-Type": "application/json"}
+        if self.token:
+            headers["Authorization"] = f"Bearer {self.token}"
+        try:
+            reply = requests.post(
+                f"{self.url}/predictions/{model}", data=body, headers=headers, timeout=self.timeout
+            )
+        except requests.ConnectionError:
+            raise EditError(
+                f"cannot reach {self.url}: start the server with `make serve-local`", 3
+            ) from None
+        except requests.Timeout:
+            raise EditError(f"{model} did not answer within {self.timeout:.0f} s", 5) from None
+        if reply.status_code in (401, 400) and "InvalidKeyException" in reply.text:
+            raise EditError(
+                "the server refused the token: is it the server `make serve-local` started?", 4
+            )
+        if reply.status_code == 404:
+            raise EditError(f"no model {model!r} at {self.url}", 4)
+        if reply.status_code != 200:
+            raise refused(reply.status_code, reply.text)
+        return parse_reply(reply.content)
+
+
+@dataclass
+class RuntimeTarget:
+    """A SageMaker multi-model endpoint, real or emulated: InvokeEndpoint with a TargetModel."""
+
+    endpoint: str
+    region: str
+    endpoint_url: str | None = None  # the emulator's URL; None for the real service
+    target_models: dict[str, str] = field(default_factory=dict)
+    name: str = "sagemaker"
+    _client: Any = None
+
+    def describe(self) -> str:
+        where = self.endpoint_url or f"SageMaker in {self.region}"
+        return f"endpoint {self.endpoint} ({where})"
+
+    def target_model(self, model: str) -> str:
+        return self.target_models.get(model, f"{model}.tar.gz")
+
+    def client(self) -> Any:
+        if self._client is None:
+            from scripts.aws import make_client
+
+            # the emulator ignores signatures: no AWS credentials needed to use it
+            self._client = make_client(
+                "sagemaker-runtime",
+                self.region,
+                read_timeout=600.0,
+                endpoint_url=self.endpoint_url,
+                unsigned=self.endpoint_url is not None,
+            )
+        return self._client
+
+    def invoke(self, model: str, body: bytes, sleep=time.sleep) -> dict:
+        from botocore.exceptions import BotoCoreError, ClientError, EndpointConnectionError
+
+        for attempt in range(NOT_READY_RETRIES + 1):
+            try:
+                reply = self.client().invoke_endpoint(
+                    EndpointName=self.endpoint,
+                    TargetModel=self.target_model(model),
+                    ContentType="application/json",
+                    Body=body,
+                )
+                return parse_reply(reply["Body"].read())
+            except EndpointConnectionError:
+                hint = "`make serve-mme`" if self.endpoint_url else "the region and network"
+                raise EditError(f"cannot reach {self.describe()}: check {hint}", 3) from None
+            except ClientError as error:
+                code = error.response.get("Error", {}).get("Code", "")
+                if code == "ModelNotReadyException" and attempt < NOT_READY_RETRIES:
+                    sleep(min(2**attempt, 30))  # the model is still loading: wait and retry
+                    continue
+                raise runtime_error(error, self.target_model(model)) from None
+            except BotoCoreError as error:
+                raise EditError(f"{self.describe()}: {error}", 3) from None
+        raise EditError(f"{self.target_model(model)} did not finish loading", 5)
+
+
+def runtime_error(error: Any, target_model: str) -> EditError:
+    """InvokeEndpoint's errors as one line: a container's 4xx shows the handler's message."""
+    response = error.response
+    code = response.get("Error", {}).get("Code", "")
+    message = response.get("Error", {}).get("Message", "")
+    if code == "ModelError":
+        original = int(response.get("OriginalStatusCode") or 500)
+        return refused(original, response.get("OriginalMessage") or message)
+    if code == "ValidationError":
+        return EditError(f"{target_model}: {message}", 4)
+    if code == "ModelNotReadyException":
+        return EditError(f"{target_model} is still loading; try again shortly", 5)
+    return EditError(f"{code or 'error'}: {message}", 5)
+
+
+def read_promotion(path: Path = PROMOTION_FILE) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        return {}
+    except ValueError as error:
+        raise EditError(f"{path} is not valid JSON ({error})", 2) from None
+
+
+def make_target(
+    kind: str,
+    url: str | None = None,
+    endpoint: str | None = None,
+    region: str | None = None,
+    promotion: Path = PROMOTION_FILE,
+) -> Target:
+    """`local`, `mme` or `sagemaker`, with the defaults `make serve-local`, `make serve-mme`
+    and `make promote` (its promotion.json) leave behind."""
+    if kind == "local":
+        return LocalTarget.from_environment(url)
+    if kind == "mme":
+        port = os.environ.get("MME_PORT", "8090")
+        return RuntimeTarget(
+            endpoint or "mmekit-local",
+            region or "us-east-1",
+            endpoint_url=url or f"http://127.0.0.1:{port}",
+            name="mme",
+        )
+    if kind == "sagemaker":
+        record = read_promotion(promotion)
+        endpoint = endpoint or record.get("endpoint")
+        region = region or record.get("region") or os.environ.get("AWS_REGION")
+        if not endpoint or not region:
+            raise EditError(
+                f"--target sagemaker needs an endpoint and a region: `make promote` writes them "
+                f"to {promotion.name}, or pass --endpoint NAME --region REGION",
+                2,
+            )
+        models = {name: entry["target_model"] for name, entry in record.get("models", {}).items()}
+        return RuntimeTarget(endpoint, region, target_models=models, name="sagemaker")
+    raise EditError(f"unknown target {kind!r}: local, mme or sagemaker", 2)
+
+
+def parse_reply(content: bytes) -> dict:
+    try:
+        reply = json.loads(content)
+    except ValueError:
+        raise EditError(
+            f"the target answered something other than JSON: {content[:200]!r}", 5
+        ) from None
+    if not isinstance(reply, dict) or "generated_image" not in reply:
+        raise EditError(f"the reply has no image: {json.dumps(reply)[:300]}", 5)
+    return reply
+
+
+# ---------------------------------------------------------------------------------------------
+# Images: what is sent, and what comes back at the original size
+
+
+@dataclass
+class Picture:
+    """An input image as sent: its bytes (the file's own when possible) and its scale."""
+
+    original: Image.Image  # RGB, EXIF orientation applied
+    sent: Image.Image
+    data: bytes  # the encoded bytes that are base64'd into the request
+
+    @property
+    def scale(self) -> float:
+        """sent size / original size (1.0 when not downscaled)."""
+        return self.sent.width / self.original.width
+
+
+def open_image(source: Path | bytes, what: str = "image") -> tuple[Image.Image, bytes, str]:
+    """(RGB image with EXIF orientation applied, the raw bytes, the format)."""
+    raw = source if isinstance(source, bytes) else read_file(source, what)
+    try:
+        with Image.open(io.BytesIO(raw)) as opened:
+            image_format = opened.format or ""
+            image = ImageOps.exif_transpose(opened).convert("RGB")
+    except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as error:
+        raise EditError(f"{what}: not an image Pillow can read ({error})", 2) from None
+    return image, raw, image_format
+
+
+def read_file(path: Path, what: str) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as error:
+        raise EditError(f"{what} {path}: {error.strerror or error}", 2) from None
+
+
+def png_bytes(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def prepare(source: Path | bytes, max_side: int | None = None) -> Picture:
+    image, raw, image_format = open_image(source)
+    sent = image
+    if max_side and max(image.size) > max_side:
+        ratio = max_side / max(image.size)
+        size = (max(1, round(image.width * ratio)), max(1, round(image.height * ratio)))
+        sent = image.resize(size, Image.Resampling.LANCZOS)
+    # the file's own bytes keep a JPEG small; re-encode only when resized or EXIF-rotated
+    as_is = sent is image and image_format in SEND_FORMATS and not has_orientation(raw)
+    return Picture(image, sent, raw if as_is else png_bytes(sent))
+
+
+def has_orientation(raw: bytes) -> bool:
+    with Image.open(io.BytesIO(raw)) as opened:
+        return opened.getexif().get(0x0112, 1) != 1
+
+
+def to_sent_size(mask: Image.Image, picture: Picture) -> Image.Image:
+    if mask.size == picture.sent.size:
+        return mask
+    return mask.resize(picture.sent.size, Image.Resampling.NEAREST)
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
+
+
+def encode_request(payload: dict, picture: Picture) -> bytes:
+    """The JSON body, refused before sending when over SageMaker's limit."""
+    body = json.dumps(payload).encode()
+    if len(body) > MAX_BODY_BYTES:
+        side = max(picture.sent.size)
+        suggestion = max(256, int(side * math.sqrt(MAX_BODY_BYTES / len(body)) * 0.9))
+        raise EditError(
+            f"the request would be {len(body):,} bytes, over SageMaker's {MAX_BODY_BYTES:,}-byte "
+            f"limit ({picture.sent.width}x{picture.sent.height} image): pass --max-side "
+            f"{suggestion} to downscale it; the result comes back at the original size",
+            2,
+        )
+    return body
+
+
+def decode_image(reply: dict) -> Image.Image:
+    try:
+        return Image.open(io.BytesIO(base64.b64decode(reply["generated_image"])))
+    except (ValueError, UnidentifiedImageError) as error:
+        raise EditError(f"the reply's image cannot be read ({error})", 5) from None
+
+
+def at_original_size(result: Image.Image, mask: Image.Image, picture: Picture) -> Image.Image:
+    """A result computed on a downscaled copy, back at the original size: the edited region
+    upscaled, every other pixel the original's own."""
+    if picture.scale == 1.0:
+        return result
+    upscaled = result.convert("RGB").resize(picture.original.size, Image.Resampling.LANCZOS)
+    region = mask.convert("L").resize(picture.original.size, Image.Resampling.NEAREST)
+    grow = 2 * math.ceil(2 / picture.scale) + 1  # cover the server's dilation and resampling
+    region = region.point(lambda value: 255 if value else 0).filter(ImageFilter.MaxFilter(grow))
+    combined = picture.original.copy()
+    combined.paste(upscaled, mask=region)
+    return combined
+
+
+# ---------------------------------------------------------------------------------------------
+# The three edits
+
+
+def parse_point(text: str) -> tuple[float, float]:
+    try:
+        x, y = (float(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: a point is X,Y (pixels)") from None
+    return x, y
+
+
+def segment(
+    target: Target,
+    picture: Picture,
+    points: Sequence[tuple[float, float]],
+    labels: Sequence[int] = (),
+    dilate: int = 0,
+) -> tuple[Image.Image, dict]:
+    """SAM: the mask (at the original size) for clicks given in original pixels."""
+    if not points:
+        raise EditError("give at least one --point X,Y on the object", 2)
+    labels = list(labels) or [1] * len(points)
+    if len(labels) not in (1, len(points)):
+        raise EditError(f"{len(labels)} --label for {len(points)} --point: one per point", 2)
+    scaled = [[x * picture.scale, y * picture.scale] for x, y in points]
+    payload = {
+        "image": b64(picture.data),
+        "gen_args": {
+            "point_coords": scaled,
+            "point_labels": labels if len(labels) > 1 else labels[0],
+            "dilate_kernel_size": max(0, round(dilate * picture.scale)),
+        },
+    }
+    reply = target.invoke("sam", encode_request(payload, picture))
+    mask = decode_image(reply).convert("L")
+    if picture.scale != 1.0:
+        mask = mask.resize(picture.original.size, Image.Resampling.NEAREST)
+    info = {key: value for key, value in reply.items() if key != "generated_image"}
+    return mask, info
+
+
+def mask_of(
+    target: Target,
+    picture: Picture,
+    mask: Path | bytes | None,
+    points: Sequence[tuple[float, float]],
+    labels: Sequence[int],
+) -> Image.Image:
+    """The mask to edit: the given file, or SAM's for the clicks (at the original size)."""
+    if mask is not None and points:
+        raise EditError("give --mask or --point, not both", 2)
+    if mask is not None:
+        image, _, _ = open_image(mask, "mask")
+        if image.size != picture.original.size:
+            raise EditError(
+                f"the mask is {image.width}x{image.height} but the image is "
+                f"{picture.original.width}x{picture.original.height}: they must match",
+                2,
+            )
+        return image.convert("L")
+    return segment(target, picture, points, labels)[0]
+
+
+def erase(target: Target, picture: Picture, mask: Image.Image, dilate: int = 15) -> Image.Image:
+    """LaMa: the masked object removed."""
+    payload = {
+        "image": b64(picture.data),
+        "mask_image": b64(png_bytes(to_sent_size(mask, picture))),
+        "dilate_kernel_size": max(0, round(dilate * picture.scale)),
+    }
+    reply = target.invoke("lama", encode_request(payload, picture))
+    return at_original_size(decode_image(reply), mask, picture)
+
+
+def replace(
+    target: Target,
+    picture: Picture,
+    mask: Image.Image,
+    prompt: str,
+    negative_prompt: str = "",
+    seed: int | None = None,
+    steps: int = 30,
+    guidance: float = 7.5,
+    dilate: int = 15,
+) -> tuple[Image.Image, int | None]:
+    """SD2 inpainting: the masked object replaced by what the prompt says. Returns the seed."""
+    if not prompt.strip():
+        raise EditError("--prompt says what should be there instead", 2)
+    gen_args: dict[str, Any] = {"num_inference_steps": steps, "guidance_scale": guidance}
+    if seed is not None:
+        gen_args["seed"] = seed
+    payload = {
+        "image": b64(picture.data),
+        "mask_image": b64(png_bytes(to_sent_size(mask, picture))),
+        "prompt": prompt,
+        "negative_prompt": negative_prompt,
+        "dilate_kernel_size": max(0, round(dilate * picture.scale)),
+        "gen_args": gen_args,
+    }
+    reply = target.invoke("sd", encode_request(payload, picture))
+    return at_original_size(decode_image(reply), mask, picture), reply.get("seed")
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line
+
+
+@contextmanager
+def progress(label: str) -> Iterator[None]:
+    """Seconds ticking on a terminal while a slow call runs (SD: tens of seconds on a GPU)."""
+    if not sys.stderr.isatty():
+        yield
+        return
+    done = threading.Event()
+    started = time.monotonic()
+
+    def tick() -> None:
+        spinner = "|/-\\"
+        for step in range(10**6):  # bounded; ends with the call
+            if done.wait(0.2):
+                break
+            elapsed = time.monotonic() - started
+            sys.stderr.write(f"\r{label} {spinner[step % 4]} {elapsed:.0f} s ")
+            sys.stderr.flush()
+        sys.stderr.write("\r" + " " * (len(label) + 12) + "\r")
+
+    thread = threading.Thread(target=tick, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        done.set()
+        thread.join(timeout=2)
+
+
+def save(image: Image.Image, output: Path) -> None:
+    try:
+        image.save(output)
+    except (OSError, ValueError) as error:
+        raise EditError(f"cannot write {output}: {error}", 2) from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="mmekit",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--target",
+        choices=("local", "mme", "sagemaker"),
+        default=os.environ.get("MMEKIT_TARGET") or "local",
+        help="where the models run (MMEKIT_TARGET; default local)",
+    )
+    parser.add_argument("--url", help="local: TorchServe's inference URL; mme: the emulator's")
+    parser.add_argument("--endpoint", help="mme/sagemaker: endpoint name")
+    parser.add_argument("--region", help="sagemaker: AWS region")
+    parser.add_argument("--promotion", type=Path, default=PROMOTION_FILE, help=argparse.SUPPRESS)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    def common(sub: argparse.ArgumentParser, with_mask: bool) -> None:
+        sub.add_argument("image", type=Path)
+        sub.add_argument("-o", "--output", type=Path, required=True)
+        sub.add_argument(
+            "--point", type=parse_point, action="append", default=[], metavar="X,Y",
+            help="a click on the object, in pixels (repeatable)",
+        )  # fmt: skip
+        sub.add_argument(
+            "--label", type=int, choices=(0, 1), action="append", default=[],
+            help="1 foreground, 0 background: one per --point, or one for all",
+        )  # fmt: skip
+        sub.add_argument(
+            "--max-side", type=int, default=None, metavar="N",
+            help="downscale so the long side is N pixels (results come back at the original size)",
+        )  # fmt: skip
+        if with_mask:
+            sub.add_argument("--mask", type=Path, help="a mask file instead of clicks")
+            sub.add_argument("--dilate", type=int, default=15, help="grow the mask (pixels)")
+        else:
+            sub.add_argument("--dilate", type=int, default=0, help="grow the mask (pixels)")
+
+    common(commands.add_parser("segment", help="clicks -> a mask (SAM)"), with_mask=False)
+    common(commands.add_parser("erase", help="remove the object (SAM, then LaMa)"), True)
+    replace_parser = commands.add_parser("replace", help="replace it (SAM, then SD2 inpainting)")
+    common(replace_parser, with_mask=True)
+    replace_parser.add_argument("--prompt", required=True)
+    replace_parser.add_argument("--negative", default="", help="what should not be there")
+    replace_parser.add_argument("--seed", type=int, default=None)
+    replace_parser.add_argument("--steps", type=int, default=30)
+    replace_parser.add_argument("--guidance", type=float, default=7.5)
+    return parser
+
+
+def run(args: argparse.Namespace) -> str:
+    target = make_target(args.target, args.url, args.endpoint, args.region, args.promotion)
+    picture = prepare(args.image, args.max_side)
+    if args.command == "segment":
+        mask, info = segment(target, picture, args.point, args.label, args.dilate)
+        save(mask, args.output)
+        return f"wrote {args.output} (mask {mask.width}x{mask.height}) {json.dumps(info)}"
+    with progress("segmenting"):
+        mask = mask_of(target, picture, args.mask, args.point, args.label)
+    if args.command == "erase":
+        with progress("erasing"):
+            result = erase(target, picture, mask, args.dilate)
+        save(result, args.output)
+        return f"wrote {args.output} ({result.width}x{result.height})"
+    with progress("replacing"):
+        result, seed = replace(
+            target, picture, mask, args.prompt, args.negative, args.seed, args.steps,
+            args.guidance, args.dilate,
+        )  # fmt: skip
+    save(result, args.output)
+    return f"wrote {args.output} ({result.width}x{result.height}, seed {seed})"
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        print(run(args))
+        return 0
+    except EditError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return error.exit_code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

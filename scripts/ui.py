@@ -1,0 +1,363 @@
+"""The editing flow in a browser: open an image, click the object, erase or replace it.
+
+    python -m scripts.ui [--target local|mme|sagemaker] [--url URL] [--endpoint NAME]
+                         [--region REGION] [--port N] [--max-side N]      (or `make ui`)
+
+It serves one page on http://127.0.0.1:PORT/ (UI_PORT, default 8095) and a small JSON API that
+calls the same client as `mmekit` (scripts/client.py). The server holds the TorchServe token and
+the AWS credentials; the browser only ever sees images and masks.
+
+    GET  /api/samples              ["chelsea", "astronaut"] (skimage.data, offline)
+    GET  /api/samples/{name}       the sample as PNG
+    POST /api/segment {"image": b64, "points": [[x, y], ...], "labels": [1, 0, ...], "dilate": n}
+                   -> {"mask": b64 PNG, "embedding_cache": "hit" | "miss", ...}
+    POST /api/erase   {"image": b64, "mask": b64, "dilate": n} -> {"image": b64 PNG}
+    POST /api/replace {"image", "mask", "prompt", "negative_prompt", "seed", "steps", "dilate"}
+                   -> {"image": b64 PNG, "seed": n}
+
+Errors are JSON {"error": code, "message": what to fix}: 400 for a request that cannot work as
+sent (or that the model refused), 502 when the target is unreachable or failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import binascii
+import json
+import math
+import os
+import socket
+import sys
+from collections.abc import Callable
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
+from starlette.middleware import Middleware
+from starlette.middleware.trustedhost import TrustedHostMiddleware
+from starlette.requests import Request
+from starlette.responses import FileResponse, JSONResponse, Response
+from starlette.routing import Mount, Route
+from starlette.staticfiles import StaticFiles
+
+from scripts import client
+from scripts.client import EditError, Picture, Target
+
+STATIC_DIR = Path(__file__).resolve().parent / "ui_static"
+HOST = "127.0.0.1"
+DEFAULT_PORT = 8095
+# A browser sends the image (and a mask) base64'd: 12 MB covers a ~6 MB photo, and anything
+# larger could not reach SageMaker anyway (6 MB per invocation).
+MAX_REQUEST_BYTES = 12 * 1024 * 1024
+MAX_DILATE = 255  # the handlers' max_dilate_kernel_size
+MAX_STEPS = 100  # SD's max_num_inference_steps
+MAX_SEED = 2**32 - 1
+SAMPLES = ("chelsea", "astronaut")
+# EditError's exit codes as HTTP: the request as sent (2) or the model's refusal (4) is the
+# user's to fix; an unreachable (3) or failing (5) target is a bad gateway.
+STATUS_BY_EXIT_CODE = {2: 400, 3: 502, 4: 400, 5: 502}
+ERROR_BY_EXIT_CODE = {2: "bad_request", 3: "unreachable", 4: "refused", 5: "target_failed"}
+
+
+class BadRequest(Exception):
+    """A request the page (or a script) has to send differently: 400 with this message."""
+
+    def __init__(self, error: str, message: str) -> None:
+        super().__init__(message)
+        self.error = error
+        self.message = message
+
+
+def error_response(status: int, error: str, message: str) -> JSONResponse:
+    return JSONResponse({"error": error, "message": message}, status_code=status)
+
+
+def edit_error_response(error: EditError) -> JSONResponse:
+    message = str(error)
+    # the client's advice is for its command line; here the server is what takes the flag
+    message = message.replace("pass --max-side", "start the editor with --max-side")
+    status = STATUS_BY_EXIT_CODE.get(error.exit_code, 502)
+    return error_response(status, ERROR_BY_EXIT_CODE.get(error.exit_code, "failed"), message)
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading requests
+
+
+async def read_json(request: Request) -> dict:
+    """The body as a JSON object, refused past MAX_REQUEST_BYTES without reading it all."""
+    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    # Only application/json: a cross-site form or no-cors fetch cannot send it without a CORS
+    # preflight, which this server never grants, so other sites cannot spend the user's target.
+    if content_type != "application/json":
+        raise BadRequest("not_json", "send the request as JSON (Content-Type: application/json)")
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > MAX_REQUEST_BYTES:
+        raise too_large()
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > MAX_REQUEST_BYTES:
+            raise too_large()
+    try:
+        payload = json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        raise BadRequest("not_json", "the body is not valid JSON") from None
+    if not isinstance(payload, dict):
+        raise BadRequest("not_json", "the body must be a JSON object")
+    return payload
+
+
+def too_large() -> BadRequest:
+    limit = MAX_REQUEST_BYTES // (1024 * 1024)
+    return BadRequest("too_large", f"the request is over {limit} MB: use a smaller image")
+
+
+def decode_base64(payload: dict, field: str) -> bytes:
+    """A base64 field; a data URL (data:image/png;base64,...) is accepted as well."""
+    text = payload.get(field)
+    if not isinstance(text, str) or not text:
+        raise BadRequest(f"missing_{field}", f"'{field}' is required, as base64")
+    if text.startswith("data:") and "," in text:
+        text = text.split(",", 1)[1]
+    try:
+        return base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        raise BadRequest("invalid_base64", f"'{field}' is not valid base64") from None
+
+
+def read_int(payload: dict, field: str, default: int | None, low: int, high: int) -> int | None:
+    value = payload.get(field)
+    if value is None:
+        return default
+    # is_number: bool is an int in Python, and json.loads accepts NaN and Infinity
+    if not is_number(value) or value != int(value):
+        raise BadRequest(f"invalid_{field}", f"'{field}' must be a whole number")
+    if not low <= value <= high:
+        raise BadRequest(f"invalid_{field}", f"'{field}' must be between {low} and {high}")
+    return int(value)
+
+
+def read_text(payload: dict, field: str, required: bool = False) -> str:
+    value = payload.get(field, "")
+    if not isinstance(value, str):
+        raise BadRequest(f"invalid_{field}", f"'{field}' must be text")
+    if required and not value.strip():
+        raise BadRequest(f"missing_{field}", f"'{field}' is required")
+    return value
+
+
+def read_points(payload: dict) -> tuple[list[tuple[float, float]], list[int]]:
+    points = payload.get("points")
+    if not isinstance(points, list) or not points:
+        raise BadRequest("missing_points", "'points' is required: [[x, y], ...] in image pixels")
+    parsed = []
+    for point in points:
+        if not (isinstance(point, list) and len(point) == 2 and all(map(is_number, point))):
+            raise BadRequest("invalid_points", "each point is [x, y] in image pixels")
+        parsed.append((float(point[0]), float(point[1])))
+    labels = payload.get("labels") or [1] * len(parsed)
+    if not isinstance(labels, list) or len(labels) != len(parsed):
+        raise BadRequest("invalid_labels", "'labels' needs one 1 (object) or 0 (background) each")
+    if any(isinstance(label, bool) or label not in (0, 1) for label in labels):
+        raise BadRequest("invalid_labels", "each label is 1 (object) or 0 (background)")
+    return parsed, [int(label) for label in labels]
+
+
+def is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def png_base64(image: Image.Image) -> str:
+    """PNG as plain base64 (the page makes its own data URL)."""
+    return base64.b64encode(client.png_bytes(image)).decode("ascii")
+
+
+# ---------------------------------------------------------------------------------------------
+# The edits: plain functions of (target, payload), run in a worker thread
+
+
+class Editor:
+    """The target and how large an image is sent to it."""
+
+    def __init__(self, target: Target, max_side: int | None = None) -> None:
+        self.target = target
+        self.max_side = max_side
+
+    def picture(self, payload: dict) -> Picture:
+        return client.prepare(decode_base64(payload, "image"), self.max_side)
+
+    def mask(self, payload: dict, picture: Picture) -> Image.Image:
+        mask_bytes = decode_base64(payload, "mask")
+        return client.mask_of(self.target, picture, mask_bytes, [], [])
+
+    def segment(self, payload: dict) -> dict:
+        points, labels = read_points(payload)
+        dilate = read_int(payload, "dilate", 0, 0, MAX_DILATE)
+        picture = self.picture(payload)
+        mask, info = client.segment(self.target, picture, points, labels, dilate)
+        width, height = mask.size
+        return {**info, "mask": png_base64(mask), "width": width, "height": height}
+
+    def erase(self, payload: dict) -> dict:
+        dilate = read_int(payload, "dilate", 0, 0, MAX_DILATE)
+        picture = self.picture(payload)
+        result = client.erase(self.target, picture, self.mask(payload, picture), dilate)
+        return {"image": png_base64(result)}
+
+    def replace(self, payload: dict) -> dict:
+        prompt = read_text(payload, "prompt", required=True)
+        negative_prompt = read_text(payload, "negative_prompt")
+        seed = read_int(payload, "seed", None, 0, MAX_SEED)
+        steps = read_int(payload, "steps", 30, 1, MAX_STEPS)
+        guidance = payload.get("guidance", 7.5)
+        if not is_number(guidance) or not 0 <= guidance <= 30:
+            raise BadRequest("invalid_guidance", "'guidance' must be a number from 0 to 30")
+        dilate = read_int(payload, "dilate", 0, 0, MAX_DILATE)
+        picture = self.picture(payload)
+        mask = self.mask(payload, picture)
+        result, used_seed = client.replace(
+            self.target, picture, mask, prompt, negative_prompt, seed, steps, guidance, dilate
+        )
+        return {"image": png_base64(result), "seed": used_seed}
+
+
+def api(work: Callable[[dict], dict]) -> Callable[[Request], Any]:
+    """An endpoint: JSON in, `work` in a thread (the server keeps answering), JSON out."""
+
+    async def endpoint(request: Request) -> Response:
+        try:
+            payload = await read_json(request)
+            return JSONResponse(await run_in_threadpool(work, payload))
+        except BadRequest as error:
+            return error_response(400, error.error, error.message)
+        except EditError as error:
+            return edit_error_response(error)
+
+    return endpoint
+
+
+# ---------------------------------------------------------------------------------------------
+# Samples and the page
+
+
+@lru_cache(maxsize=len(SAMPLES))
+def sample_png(name: str) -> bytes:
+    import skimage.data  # slow to import; only the sample routes need it
+
+    return client.png_bytes(Image.fromarray(getattr(skimage.data, name)()))
+
+
+async def list_samples(request: Request) -> Response:
+    return JSONResponse(list(SAMPLES))
+
+
+async def get_sample(request: Request) -> Response:
+    name = request.path_params["name"]
+    if name not in SAMPLES:
+        return error_response(404, "no_sample", f"no sample {name!r}: one of {', '.join(SAMPLES)}")
+    data = await run_in_threadpool(sample_png, name)
+    return Response(data, media_type="image/png", headers={"Cache-Control": "max-age=3600"})
+
+
+async def page(request: Request) -> Response:
+    return FileResponse(STATIC_DIR / "index.html", headers={"Cache-Control": "no-cache"})
+
+
+async def internal_error(request: Request, error: Exception) -> Response:
+    # JSON the page can show, instead of Starlette's plain-text 500
+    return error_response(500, "internal", f"the editor failed: {type(error).__name__}: {error}")
+
+
+def create_app(target: Target, max_side: int | None = None) -> Starlette:
+    """The page and its API, calling `target` (any client.Target) for every edit."""
+    editor = Editor(target, max_side)
+    routes = [
+        Route("/", page, methods=["GET"]),
+        Route("/api/samples", list_samples, methods=["GET"]),
+        Route("/api/samples/{name}", get_sample, methods=["GET"]),
+        Route("/api/segment", api(editor.segment), methods=["POST"]),
+        Route("/api/erase", api(editor.erase), methods=["POST"]),
+        Route("/api/replace", api(editor.replace), methods=["POST"]),
+        Mount("/static", StaticFiles(directory=STATIC_DIR), name="static"),
+    ]
+    # Loopback names only: a DNS-rebinding page under another name gets 400, not the API.
+    middleware = [Middleware(TrustedHostMiddleware, allowed_hosts=["127.0.0.1", "localhost"])]
+    return Starlette(
+        routes=routes, middleware=middleware, exception_handlers={Exception: internal_error}
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m scripts.ui",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--target",
+        choices=("local", "mme", "sagemaker"),
+        default=os.environ.get("UI_TARGET") or os.environ.get("MMEKIT_TARGET") or "local",
+        help="where the models run (UI_TARGET, else MMEKIT_TARGET; default local)",
+    )
+    parser.add_argument("--url", help="local: TorchServe's inference URL; mme: the emulator's")
+    parser.add_argument("--endpoint", help="mme/sagemaker: endpoint name")
+    parser.add_argument("--region", help="sagemaker: AWS region")
+    parser.add_argument(
+        "--port",
+        type=int,
+        default=int(os.environ.get("UI_PORT") or DEFAULT_PORT),
+        help=f"port on 127.0.0.1 (UI_PORT; default {DEFAULT_PORT})",
+    )
+    parser.add_argument(
+        "--max-side",
+        type=int,
+        default=None,
+        metavar="N",
+        help="downscale images so the long side is N pixels before sending (results come back "
+        "at the original size): for photos over SageMaker's 6 MB request limit",
+    )
+    return parser
+
+
+def port_in_use(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        try:
+            probe.bind((HOST, port))
+        except OSError:
+            return True
+    return False
+
+
+def main(argv: list[str] | None = None) -> int:
+    import uvicorn
+
+    args = build_parser().parse_args(argv)
+    try:
+        target = client.make_target(args.target, args.url, args.endpoint, args.region)
+    except EditError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return error.exit_code
+    if not 0 < args.port < 65536 or port_in_use(args.port):
+        print(
+            f"error: port {args.port} is in use on {HOST} (or not a port): "
+            "pass --port N or set UI_PORT=N",
+            file=sys.stderr,
+        )
+        return 2
+    print(f"mmekit editor: open http://{HOST}:{args.port}/", flush=True)
+    print(f"  target: {target.name}, {target.describe()}", flush=True)
+    uvicorn.run(create_app(target, args.max_side), host=HOST, port=args.port, log_level="warning")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
