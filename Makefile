@@ -6,7 +6,7 @@ VENV_PY := .venv/bin/python
 SETUP := $(PYTHON) -m scripts.bootstrap
 
 .DEFAULT_GOAL := help
-.PHONY: help setup weights fetch-weights archive serve-local serve-mme image edit ui promote models teardown iam-policy stop token test test-handlers test-slow lint
+.PHONY: help setup weights fetch-weights archive serve-local serve-mme image edit ui bench footprint plan promote models teardown iam-policy stop token test test-handlers test-slow lint
 
 help: ## list the targets
 	@$(PYTHON) -m scripts.make_help Makefile
@@ -31,6 +31,15 @@ serve-mme: ## a local SageMaker multi-model endpoint for boto3 (MME_PORT=8090, M
 
 image: ## docker build the serving image, tagged mmekit:<git sha> (says so where no engine exists)
 	@$(SETUP) && $(VENV_PY) -m scripts.image build
+
+bench: ## measure: serving overhead, SAM clicks, cold loads, payloads (bench/; QUICK=1: CI-sized)
+	@$(SETUP) && $(VENV_PY) -m scripts.bench $(ARGS)
+
+footprint: ## load each model in a fresh process: time, parameters, RSS, GPU memory (model_store/footprint.json)
+	@$(SETUP) && $(VENV_PY) -m scripts.footprint $(ARGS)
+
+plan: ## capacity & cost: models per instance, instances, single-model vs MME monthly cost
+	@$(SETUP) && $(VENV_PY) -m scripts.plan $(ARGS)
 
 promote: ## the tested archives to a SageMaker multi-model endpoint (DRY_RUN=1: the plan only; IMAGE_URI=)
 	@$(SETUP) && $(VENV_PY) -m scripts.promote run $(PROMOTE_FLAGS)

@@ -7,7 +7,6 @@ import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-import boto3
 import pytest
 import requests
 import torch
@@ -155,6 +154,8 @@ def moto_url() -> Iterator[str]:
 @pytest.fixture
 def aws(moto_url: str, monkeypatch: pytest.MonkeyPatch) -> str:
     """A clean moto account with the bucket and an image in ECR; boto3 pointed at it."""
+    import boto3  # here, not at the top: the GPU tests run where no AWS library is installed
+
     requests.post(f"{moto_url}/moto-api/reset", timeout=10)
     monkeypatch.setenv("AWS_ENDPOINT_URL", moto_url)
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
