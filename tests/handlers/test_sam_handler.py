@@ -58,6 +58,32 @@ def test_repeat_click_hits_the_embedding_cache_and_gives_the_same_mask(serve):
     assert moved.json()["embedding_cache"] == "hit"
 
 
+def test_the_same_file_again_is_not_decoded_again(serve, monkeypatch):
+    import sam_handler
+
+    model = serve("sam")
+    decoded = []
+    real_decode = sam_handler.decode_image
+    monkeypatch.setattr(
+        sam_handler, "decode_image", lambda *a, **k: decoded.append(1) or real_decode(*a, **k)
+    )
+    assert model.predict(request()).json()["embedding_cache"] == "miss"
+    repeat = model.predict(request(point_coords=[5, 5]))
+    assert repeat.json()["embedding_cache"] == "hit" and len(decoded) == 1
+    assert mask_of(repeat).shape == (120, 160)  # the size came from the first decode
+    outside = model.predict(request(point_coords=[500, 5]))  # validated without decoding too
+    assert outside.status == 400 and "outside the 160x120 image" in outside.json()["message"]
+    assert len(decoded) == 1
+
+
+def test_wrapped_and_data_uri_base64_still_decode(sam):
+    encoded = b64(IMAGE)
+    wrapped = "\n".join(encoded[i : i + 76] for i in range(0, len(encoded), 76))
+    for image in (wrapped, "data:image/png;base64," + encoded):
+        reply = sam.predict({"image": image, "gen_args": {"point_coords": [80, 60]}})
+        assert reply.status == 200, reply.body[:200]
+
+
 def test_cache_is_keyed_by_pixels_not_by_encoding(serve):
     model = serve("sam")
     model.predict(request())
