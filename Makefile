@@ -6,7 +6,7 @@ VENV_PY := .venv/bin/python
 SETUP := $(PYTHON) -m scripts.bootstrap
 
 .DEFAULT_GOAL := help
-.PHONY: help setup weights fetch-weights archive serve-local serve-mme image edit ui bench footprint plan promote models teardown iam-policy stop token test test-handlers test-slow lint
+.PHONY: help setup weights fetch-weights archive serve-local serve-mme image edit ui bench footprint plan promote models teardown iam-policy stop token test test-handlers test-hardening test-slow lint
 
 help: ## list the targets
 	@$(PYTHON) -m scripts.make_help Makefile
@@ -70,6 +70,9 @@ test: ## set up everything (chromium too, for the editor's browser test) and run
 
 test-handlers: archive ## the handler tests, then model_store/'s archives over HTTP; records what passed
 	@$(VENV_PY) -m pytest tests/handlers tests/serving --store model_store
+
+test-hardening: ## faults, load, malformed input, exposure, artifacts; a table of figures (HARDENING_FULL=1)
+	@$(SETUP) && $(VENV_PY) -m pytest tests/hardening
 
 test-slow: ## the slow tests too (full-size random models)
 	@$(SETUP) && $(VENV_PY) -m pytest --run-slow

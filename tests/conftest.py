@@ -13,12 +13,16 @@ import torch
 
 from scripts.serve import free_ports
 from scripts.weights import build_tier
+from tests.servers import (  # noqa: F401 - the server fixtures, for every test folder
+    local_server,
+    print_server_logs_on_failure,
+    sagemaker_server,
+    served_store,
+    serving_run,
+)
 from tests.support import ServedModel, make_model_dir
 
 SERVING_TESTS = "tests/serving/"
-# What the serving tests did with which store: a run that served a store and passed whole is
-# recorded for `make promote`'s gate (scripts/promote.py: record_tested).
-serving_run = {"store": None, "digests": {}, "passed": set(), "failed": 0, "deselected": 0}
 # The flows a promoted archive must have passed: local erase/replace, SageMaker's registration
 # and invoke path, and boto3 through the multi-model endpoint emulator.
 GATE_TESTS = {
@@ -31,6 +35,12 @@ GATE_TESTS = {
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption("--run-slow", action="store_true", help="also run tests marked slow")
+    parser.addoption(
+        "--hardening-full",
+        action="store_true",
+        default=os.environ.get("HARDENING_FULL", "") not in ("", "0"),
+        help="tests/hardening at full size (2,000-request load, every fault; HARDENING_FULL=1)",
+    )
     parser.addoption(
         "--store",
         type=Path,

@@ -17,7 +17,7 @@ from scripts import client
 from scripts.examples import BALL_CENTRE, ball_mask, scene
 from scripts.mme import LocalSource
 from scripts.serve import free_ports
-from tests.serving.conftest import Server
+from tests.servers import Server
 from tests.serving.test_mme import Emulator, make_endpoint, serve_endpoint
 
 

@@ -30,7 +30,7 @@ from scripts.mme import (
     model_name,
 )
 from scripts.serve import free_ports
-from tests.serving.conftest import Server
+from tests.servers import Server
 
 ENDPOINT = "mmekit-test"
 MODELS = ("sam.tar.gz", "lama.tar.gz", "sd.tar.gz")

@@ -9,7 +9,7 @@ from pathlib import Path
 from scripts import promote
 from scripts.mme import S3Source, make_s3_client
 from tests.conftest import BUCKET, ROLE
-from tests.serving.conftest import Server
+from tests.servers import Server
 from tests.serving.test_mme import ENDPOINT, make_endpoint, serve_endpoint
 
 

@@ -13,7 +13,7 @@ import requests
 
 from scripts.archive import read_manifest
 from scripts.examples import BALL_CENTRE, scene
-from tests.serving.conftest import Server, extract_like_sagemaker
+from tests.servers import Server, extract_like_sagemaker
 from tests.support import b64, decode_image
 
 SAGEMAKER_BODY_LIMIT = 6_291_456

@@ -21,7 +21,7 @@ from starlette.testclient import TestClient
 from scripts import ui
 from scripts.client import EditError, LocalTarget, png_bytes
 from scripts.serve import free_ports
-from tests.serving.conftest import Server
+from tests.servers import Server
 
 CHROMIUM = Path("/usr/bin/chromium")
 LOOPBACK = "http://127.0.0.1"  # the editor answers loopback host names only

@@ -1,4 +1,5 @@
-"""Real TorchServe servers on free loopback ports, serving the tiny tarballs.
+"""Real TorchServe servers on free loopback ports, serving the tiny tarballs (fixtures shared by
+every test folder: tests/conftest.py imports them).
 
 Started with the same runner `make serve-local` uses (scripts/serve.py), ready only once every
 model has answered a real inference, torn down at the end; a failing test prints the server log.
@@ -30,9 +31,11 @@ from scripts.serve import (
     wait_until_ready,
 )
 from scripts.weights import MODELS
-from tests.conftest import serving_run
 
 READY_TIMEOUT_S = 240
+# What the serving tests did with which store: a run that served a store and passed whole is
+# recorded for `make promote`'s gate (tests/conftest.py: pytest_sessionfinish).
+serving_run: dict = {"store": None, "digests": {}, "passed": set(), "failed": 0, "deselected": 0}
 
 
 @dataclass
