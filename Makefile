@@ -6,7 +6,7 @@ VENV_PY := .venv/bin/python
 SETUP := $(PYTHON) -m scripts.bootstrap
 
 .DEFAULT_GOAL := help
-.PHONY: help setup weights fetch-weights archive serve-local serve-mme image edit ui bench footprint plan promote models teardown iam-policy stop token test test-handlers test-hardening test-slow lint
+.PHONY: help setup weights fetch-weights archive serve-local dev serve-mme image edit ui bench footprint plan promote models teardown iam-policy stop token test test-handlers test-hardening test-slow lint
 
 help: ## list the targets
 	@$(PYTHON) -m scripts.make_help Makefile
@@ -25,6 +25,9 @@ archive: ## build model_store/<model>.tar.gz + manifest.json, reproducibly (TIER
 
 serve-local: ## set up, archive and serve all three models on 127.0.0.1 (DETACH=1, RUNTIME=native|compose)
 	@$(SETUP) && $(VENV_PY) -m scripts.serve start
+
+dev: ## the inner loop: serve, and hot-swap a model when its handler or config changes (tiny weights)
+	@$(SETUP) && $(VENV_PY) -m scripts.dev
 
 serve-mme: ## a local SageMaker multi-model endpoint for boto3 (MME_PORT=8090, MME_SOURCE=s3://...)
 	@$(SETUP) && $(VENV_PY) -m scripts.mme

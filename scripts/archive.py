@@ -113,8 +113,9 @@ def link_or_copy(source: str, target: str) -> None:
         shutil.copy2(source, target)
 
 
-def run_archiver(inputs: ArchiveInputs, workdir: Path) -> Path:
-    """torch-model-archiver, no-archive layout; returns the archive folder."""
+def run_archiver(inputs: ArchiveInputs, workdir: Path, version: str = MODEL_VERSION) -> Path:
+    """torch-model-archiver, no-archive layout; returns the archive folder. (`make dev` gives
+    each reload its own version, so TorchServe can hold the old and the new side by side.)"""
     extra = workdir / "extra"
     extra.mkdir()
     for path in inputs.shared:
@@ -129,7 +130,7 @@ def run_archiver(inputs: ArchiveInputs, workdir: Path) -> Path:
         "--model-name",
         inputs.model,
         "--version",
-        MODEL_VERSION,
+        version,
         "--handler",
         str(inputs.handler),
         "--extra-files",

@@ -44,7 +44,11 @@ from scripts.weights import DEFAULT_ROOT, MODELS
 RUN_DIR = PROJECT_ROOT / ".mmekit"  # TorchServe's working folder: key_file.json, logs/, pid
 COMPOSE_FILE = PROJECT_ROOT / "compose.yaml"
 COMPOSE_SERVICE = "torchserve"
-PROFILES = {"local": "local.properties", "sagemaker": "sagemaker.properties"}
+PROFILES = {
+    "local": "local.properties",
+    "sagemaker": "sagemaker.properties",
+    "dev": "dev.properties",  # make dev only (scripts/dev.py): the model API on
+}
 
 
 class ServeError(Exception):
@@ -554,7 +558,7 @@ def main(argv: list[str] | None = None) -> int:
         default=os.environ.get("RUNTIME") or "auto",
         help="compose where a Docker engine with a GPU runtime is present, else native",
     )
-    start_parser.add_argument("--profile", choices=sorted(PROFILES), default="local")
+    start_parser.add_argument("--profile", choices=("local", "sagemaker"), default="local")
     start_parser.add_argument(
         "--tier",
         choices=("auto", "tiny", "synthetic", "full"),
