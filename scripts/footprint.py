@@ -46,13 +46,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 import numpy as np
 import yaml
 from PIL import Image
 
 from scripts import PROJECT_ROOT
+from scripts.cli import OneLineParser, positive_int
 from scripts.weights import DEFAULT_ROOT, MODELS, TIERS, build_tier, read_info, weights_dir
 
 PROG = "python -m scripts.footprint"
@@ -462,20 +463,6 @@ def parse_models(text: str) -> tuple[str, ...]:
             f"--models takes a comma-separated list of {', '.join(MODELS)}, got {text!r}"
         )
     return tuple(dict.fromkeys(names))  # each once, in the order given
-
-
-class OneLineParser(argparse.ArgumentParser):
-    """Bad input is one line on stderr and exit status 2 (argparse's usual is the usage too)."""
-
-    def error(self, message: str) -> NoReturn:
-        print(f"{self.prog}: error: {message}", file=sys.stderr)
-        sys.exit(2)
-
-
-def positive_int(text: str) -> int:
-    if not (text.isascii() and text.isdigit()) or int(text) < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
-    return int(text)
 
 
 def build_parser() -> OneLineParser:

@@ -32,11 +32,12 @@ from collections import Counter
 from dataclasses import dataclass
 from decimal import ROUND_HALF_UP, Decimal, InvalidOperation
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 import yaml
 
 from scripts import PROJECT_ROOT
+from scripts.cli import OneLineParser, positive_int
 
 PROG = "python -m scripts.plan"
 INSTANCES_FILE = PROJECT_ROOT / "configs" / "instances.yaml"
@@ -479,20 +480,6 @@ def format_table(plan: dict) -> str:
 
 # ---------------------------------------------------------------------------------------------
 # Command line
-
-
-class OneLineParser(argparse.ArgumentParser):
-    """Bad input is one line on stderr and exit status 2 (argparse's usual is the usage too)."""
-
-    def error(self, message: str) -> NoReturn:
-        print(f"{self.prog}: error: {message}", file=sys.stderr)
-        sys.exit(2)
-
-
-def positive_int(text: str) -> int:
-    if not (text.isascii() and text.isdigit()) or int(text) < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
-    return int(text)
 
 
 def headroom_fraction(text: str) -> float:
