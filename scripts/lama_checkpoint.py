@@ -54,7 +54,9 @@ def _restricted_pickle_module() -> types.ModuleType:
 
     module = types.ModuleType("mmekit_restricted_pickle")
     module.Unpickler = RestrictedUnpickler  # type: ignore[attr-defined]
-    module.load = pickle.load  # type: ignore[attr-defined]
+    # torch.load reads legacy (non-zip) checkpoints through `pickle_module.load`: it must be
+    # the restricted unpickler too, or a crafted file runs code (tests/hardening/test_artifacts)
+    module.load = lambda file, **kwargs: RestrictedUnpickler(file, **kwargs).load()  # type: ignore[attr-defined]
     module.__name__ = "mmekit_restricted_pickle"
     return module
 

@@ -351,8 +351,7 @@ class Endpoint:
             folder = self.models_dir / name / "model"
             shutil.rmtree(folder, ignore_errors=True)
             folder.mkdir(parents=True)
-            with tarfile.open(tarball) as archive:
-                archive.extractall(folder, filter="data")
+            extract_tarball(tarball, folder)
             tarball.unlink()
             size = sum(path.stat().st_size for path in folder.rglob("*") if path.is_file())
             model = LoadedModel(target, name, folder, size)
@@ -425,6 +424,17 @@ class Endpoint:
 
     def close(self) -> None:
         self.executor.shutdown(wait=False, cancel_futures=True)
+
+
+def extract_tarball(tarball: Path, folder: Path) -> None:
+    """Extract as SageMaker does, and read the gzip stream to its end: tarfile stops at the
+    tar's end-of-archive blocks, before gzip's CRC trailer, so a flipped byte would otherwise
+    be extracted silently."""
+    with tarfile.open(tarball) as archive:
+        archive.extractall(folder, filter="data")
+        for _ in range(1 << 30):  # bounded: 1 MiB a read
+            if not archive.fileobj.read(1 << 20):
+                break
 
 
 def normalise_target(target: str | None) -> str:

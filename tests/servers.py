@@ -8,7 +8,6 @@ model has answered a real inference, torn down at the end; a failing test prints
 from __future__ import annotations
 
 import subprocess
-import tarfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -19,6 +18,7 @@ import requests
 
 from scripts.archive import archive_models
 from scripts.examples import write_requests
+from scripts.mme import extract_tarball
 from scripts.promote import served_digests
 from scripts.serve import (
     NativeRuntime,
@@ -174,6 +174,5 @@ def extract_like_sagemaker(tarball: Path, model_root: Path, name: str) -> Path:
     """SageMaker extracts each model's tarball to /opt/ml/models/<hash>/model."""
     target = model_root / name / "model"
     target.mkdir(parents=True, exist_ok=True)
-    with tarfile.open(tarball) as archive:
-        archive.extractall(target, filter="data")
+    extract_tarball(tarball, target)
     return target
