@@ -83,40 +83,59 @@ class LocalTarget:
     token: str | None = None
     timeout: float = 600.0
     name: str = "local"
+    key_dir: Path | None = None  # where key_file.json is: a token that expired is renewed
+    management_url: str | None = None
 
     @classmethod
     def from_environment(cls, url: str | None = None) -> LocalTarget:
         from scripts.serve import RUN_DIR, ServeError, active_runtime, read_token
 
         port = os.environ.get("INFERENCE_PORT", "8080")
+        management = f"http://127.0.0.1:{os.environ.get('MANAGEMENT_PORT', '8081')}"
         token = os.environ.get("MMEKIT_TOKEN")  # another server's key; else our key file
-        if not token:
-            try:
-                token = read_token(active_runtime(RUN_DIR).key_dir)
-            except (ServeError, OSError, ValueError, KeyError):
-                token = None  # token auth off (sagemaker profile), or no local server yet
-        return cls(url or f"http://127.0.0.1:{port}", token)
+        if token:
+            return cls(url or f"http://127.0.0.1:{port}", token)
+        key_dir = active_runtime(RUN_DIR).key_dir
+        try:
+            token = read_token(key_dir)
+        except (ServeError, OSError, ValueError, KeyError):
+            token = None  # token auth off (sagemaker profile), or no local server yet
+        return cls(
+            url or f"http://127.0.0.1:{port}", token, key_dir=key_dir, management_url=management
+        )
+
+    def renew_token(self) -> bool:
+        """TorchServe's keys expire (token_expiration_min) and stay expired in key_file.json:
+        ask its token API, with the API key from the same file, for a fresh inference key."""
+        if self.key_dir is None or self.management_url is None:
+            return False
+        import requests
+
+        key_file = self.key_dir / "key_file.json"
+        try:
+            keys = json.loads(key_file.read_text())
+            if keys["inference"]["key"] != self.token:  # already renewed by someone else
+                self.token = keys["inference"]["key"]
+                return True
+            reply = requests.get(
+                f"{self.management_url}/token",
+                params={"type": "inference"},
+                headers={"Authorization": f"Bearer {keys['API']['key']}"},
+                timeout=30,
+            )
+            self.token = json.loads(key_file.read_text())["inference"]["key"]
+        except (OSError, ValueError, KeyError, requests.RequestException):
+            return False
+        return reply.status_code == 200
 
     def describe(self) -> str:
         return f"TorchServe at {self.url}"
 
     def invoke(self, model: str, body: bytes) -> dict:
-        import requests
-
-        headers = {"Content-Type": "application/json"}
-        if self.token:
-            headers["Authorization"] = f"Bearer {self.token}"
-        try:
-            reply = requests.post(
-                f"{self.url}/predictions/{model}", data=body, headers=headers, timeout=self.timeout
-            )
-        except requests.ConnectionError:
-            raise EditError(
-                f"cannot reach {self.url}: start the server with `make serve-local`", 3
-            ) from None
-        except requests.Timeout:
-            raise EditError(f"{model} did not answer within {self.timeout:.0f} s", 5) from None
-        if reply.status_code in (401, 400) and "InvalidKeyException" in reply.text:
+        reply = self.post(model, body)
+        if self.refused_key(reply) and self.renew_token():
+            reply = self.post(model, body)  # once, with the renewed key
+        if self.refused_key(reply):
             raise EditError(
                 "the server refused the token: is it the server `make serve-local` started?", 4
             )
@@ -125,6 +144,27 @@ class LocalTarget:
         if reply.status_code != 200:
             raise refused(reply.status_code, reply.text)
         return parse_reply(reply.content)
+
+    @staticmethod
+    def refused_key(reply: Any) -> bool:
+        return reply.status_code in (401, 400) and "InvalidKeyException" in reply.text
+
+    def post(self, model: str, body: bytes) -> Any:
+        import requests
+
+        headers = {"Content-Type": "application/json"}
+        if self.token:
+            headers["Authorization"] = f"Bearer {self.token}"
+        try:
+            return requests.post(
+                f"{self.url}/predictions/{model}", data=body, headers=headers, timeout=self.timeout
+            )
+        except requests.ConnectionError:
+            raise EditError(
+                f"cannot reach {self.url}: start the server with `make serve-local`", 3
+            ) from None
+        except requests.Timeout:
+            raise EditError(f"{model} did not answer within {self.timeout:.0f} s", 5) from None
 
 
 @dataclass

@@ -557,12 +557,6 @@ def test_an_expired_token_is_refused_and_the_token_api_issues_a_fresh_one(guarde
     figures.add(inputs_tried=2, requests_sent=7)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="scripts/client.py LocalTarget reads the token once and, on InvalidKeyException, "
-    "stops with 'the server refused the token'; after token_expiration_min (60 by default) "
-    "every `mmekit` call fails until the key is rotated through the token API",
-)
 def test_the_client_recovers_from_an_expired_token(
     guarded: Server, monkeypatch: pytest.MonkeyPatch, figures
 ):
