@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError
 
 logger = logging.getLogger(__name__)
 
@@ -178,6 +178,13 @@ def read_text(options: Mapping, name: str, max_chars: int, required: bool = Fals
         return ""
     if not isinstance(value, str):
         raise RequestError("invalid_field", f"'{name}' must be a string")
+    if not value.isascii():
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:  # a lone surrogate ("\\ud800" in the JSON)
+            raise RequestError(
+                "invalid_field", f"'{name}' must be valid Unicode text (no lone surrogates)"
+            ) from None
     if len(value) > max_chars:
         raise RequestError(
             "too_long", f"'{name}' has {len(value)} characters; the limit is {max_chars}"
@@ -269,12 +276,38 @@ def decode_image(
         )
     try:
         image.load()
-        image = ImageOps.exif_transpose(image)
+        image = _apply_orientation(image)
+        if image.mode.startswith("I;16") and mode != "L":  # masks keep "> 0"
+            # 16-bit grayscale: scaled to 8 bits (Pillow's convert clips at 255)
+            pixels = np.asarray(image).astype(np.uint32)
+            image = Image.fromarray(((pixels * 255 + 32767) // 65535).astype(np.uint8))
         return image.convert(mode)
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
         raise RequestError(
             "invalid_image", f"'{field}' could not be decoded (truncated or corrupt image)"
         ) from None
+
+
+_ORIENTATION_TRANSPOSE = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
+
+
+def _apply_orientation(image: Image.Image) -> Image.Image:
+    """EXIF orientation applied to the pixels. Unlike ImageOps.exif_transpose, the EXIF block
+    is never re-serialised (that raises TypeError, struct.error, ... on mistyped tags)."""
+    try:
+        orientation = image.getexif().get(0x0112)
+    except Exception:  # an unreadable EXIF block: the pixels as stored
+        return image
+    method = _ORIENTATION_TRANSPOSE.get(orientation) if type(orientation) is int else None
+    return image if method is None else image.transpose(method)
 
 
 def read_image(
@@ -319,15 +352,20 @@ def dilate_mask(mask: np.ndarray, kernel_size: int) -> np.ndarray:
 
     Matches OpenCV's `cv2.dilate(mask, np.ones((k, k)), iterations=1)` used by the reference
     (anchor at k // 2, so even sizes grow one pixel more to the left/top), without OpenCV.
+    A pixel is set when its window holds any mask pixel: a box sum over a summed-area table,
+    so the cost does not depend on the kernel size (a max-pool is O(k^2) per pixel: minutes
+    for 4096x4096 at k=255, past the response timeout).
     """
     if kernel_size <= 1 or not mask.any():
         return mask
     before = kernel_size // 2
     after = kernel_size - 1 - before
-    tensor = torch.from_numpy(mask.astype(np.float32))[None, None]
-    padded = torch.nn.functional.pad(tensor, (before, after, before, after))
-    dilated = torch.nn.functional.max_pool2d(padded, kernel_size, stride=1)
-    return dilated[0, 0].numpy() > 0
+    padded = np.pad(mask, ((before, after), (before, after))).astype(np.int32)
+    table = np.zeros((padded.shape[0] + 1, padded.shape[1] + 1), dtype=np.int32)
+    np.cumsum(np.cumsum(padded, axis=0), axis=1, out=table[1:, 1:])
+    k = kernel_size
+    window = table[k:, k:] - table[:-k, k:] - table[k:, :-k] + table[:-k, :-k]
+    return window > 0
 
 
 @dataclass
