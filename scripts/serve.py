@@ -159,11 +159,15 @@ class NativeRuntime:
         tmp = self.run_dir / "tmp"
         tmp.mkdir(parents=True, exist_ok=True)
         venv_bin = str(Path(sys.executable).parent)
+        # one worker per model, each defaulting to every core: split them instead (measured
+        # by tests/hardening/test_load.py: 60 mixed requests 38-69 s oversubscribed, 6-10 s not)
+        threads = str(max(1, (os.cpu_count() or 1) // len(MODELS)))
         return {
             **os.environ,
             "TMPDIR": str(tmp),
             "TEMP": str(tmp),
             "PATH": venv_bin + os.pathsep + os.environ.get("PATH", ""),
+            "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", threads),
         }
 
     def command(self, config: Path, models: list[str], foreground: bool) -> list[str]:
@@ -405,13 +409,27 @@ def wait_until_ready(
     process: subprocess.Popen,
     timeout: float = 600.0,
     foreground: bool = True,
+    log: Path | str | None = None,
+    management_url: str | None = None,
+    management_token: str | None = None,
 ) -> None:
     """Ready means every model answered a real inference (not /ping, which stays 200 while a
     worker crash-loops). A foreground launcher that exits has lost its server, whatever its
-    status (it exits 0 when Java dies); a detached one exits 0 once it has started Java."""
+    status (it exits 0 when Java dies); a detached one exits 0 once it has started Java.
+
+    A model whose worker cannot start (a handler that fails to initialise) is reported at
+    once, not after TorchServe's own retries (maxRetryTimeoutInSec, 300 s) or `timeout`. With
+    `management_url` (and its token, if the API has one), each model's workers are watched:
+    a worker whose pid changes before the model is ready was restarted because it died, and
+    the probe goes out only once a worker is READY (a probe queued behind a crash loop waits
+    through several of TorchServe's growing retry delays). Without it, the failure shows when
+    TorchServe answers a waiting probe "Worker died.". `log`: where the error says to look."""
     headers = {"Content-Type": "application/json"}
     if token:
         headers["Authorization"] = f"Bearer {token}"
+    management_headers = {"Authorization": f"Bearer {management_token}"} if management_token else {}
+    where = log or "the server log (logs/model_log.log in TorchServe's run folder)"
+    worker_pids: dict[tuple[str, str], int] = {}  # (model, worker id) -> first pid seen
     pending = dict(examples)
     deadline = time.monotonic() + timeout
     while pending:
@@ -420,6 +438,27 @@ def wait_until_ready(
         if time.monotonic() > deadline:
             raise ServeError(f"models not ready after {timeout:.0f} s: {', '.join(pending)}")
         for model, path in list(pending.items()):
+            if management_url is not None:
+                try:
+                    described = requests.get(
+                        f"{management_url}/models/{model}", headers=management_headers, timeout=10
+                    )
+                    workers = described.json()[0]["workers"] if described.ok else []
+                except (requests.RequestException, ValueError, LookupError, TypeError):
+                    continue  # the management API is not up yet
+                for worker in workers:
+                    pid = worker.get("pid")
+                    if not isinstance(pid, int) or pid <= 0:
+                        continue
+                    first = worker_pids.setdefault((model, str(worker.get("id"))), pid)
+                    if pid != first:
+                        raise ServeError(
+                            f"{model} is not ready: its worker died while loading and "
+                            f"TorchServe restarted it (pid {first}, now {pid}); the traceback "
+                            f"is in {where}"
+                        )
+                if not any(worker.get("status") == "READY" for worker in workers):
+                    continue
             try:
                 reply = requests.post(
                     f"{base_url}/predictions/{model}",
@@ -432,6 +471,13 @@ def wait_until_ready(
             if reply.status_code == 200:
                 print(f"[serve] {model} is ready", flush=True)
                 del pending[model]
+            elif reply.status_code in (500, 507) and "Worker died" in reply.text:
+                # 507 when the exit looked like the OOM killer's (SIGKILL)
+                raise ServeError(
+                    f"{model} is not ready: its worker died while loading or serving its first "
+                    f'request (TorchServe answered {reply.status_code} "Worker died."); '
+                    f"the traceback is in {where}"
+                )
         time.sleep(1)
 
 
@@ -516,19 +562,25 @@ def start(args: argparse.Namespace) -> int:
     )
     keep_running = False
     try:
-        token = None
+        token = management_token = None
         if args.profile == "local":
             # compose builds the image first (minutes on a first run): wait as for readiness
             timeout = 60.0 if runtime.name == "native" else 1800.0
             token = wait_for_token(
                 runtime.key_dir, process, timeout=timeout, foreground=not args.detach
             )
+            management_token = read_token(runtime.key_dir, "management")
+        # the management API watches workers, so a model that cannot start fails at once
+        management_port = ports.management if args.profile == "local" else ports.inference
         wait_until_ready(
             f"http://127.0.0.1:{ports.inference}",
             token,
             probes,
             process,
             foreground=not args.detach,
+            log=run_dir / "logs" / "model_log.log" if runtime.name == "native" else None,
+            management_url=f"http://127.0.0.1:{management_port}",
+            management_token=management_token,
         )
         print(curl_lines(ports, examples["sam"].parent), flush=True)
         if args.detach:

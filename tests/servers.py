@@ -97,7 +97,17 @@ def start_server(run_dir: Path, store: Path, profile: str, models: list[str]) ->
         if models:
             probes = write_requests(run_dir / "readiness", sd_steps=1)
             probes = {model: path for model, path in probes.items() if model in models}
-            wait_until_ready(server.url, server.token, probes, process, READY_TIMEOUT_S)
+            wait_until_ready(
+                server.url,
+                server.token,
+                probes,
+                process,
+                READY_TIMEOUT_S,
+                log=log_path,
+                # the sagemaker profile serves management on the inference port
+                management_url=server.management_url if profile == "local" else server.url,
+                management_token=server.management_token,
+            )
         else:
             wait_for_ping(server)
     except BaseException:
