@@ -75,7 +75,7 @@ test-handlers: archive ## the handler tests, then model_store/'s archives over H
 	@$(VENV_PY) -m pytest tests/handlers tests/serving --store model_store
 
 test-hardening: ## faults, load, malformed input, exposure, artifacts; a table of figures (HARDENING_FULL=1)
-	@$(SETUP) && $(VENV_PY) -m pytest tests/hardening
+	@$(SETUP) && $(VENV_PY) -m pytest tests/hardening --run-slow
 
 test-slow: ## the slow tests too (full-size random models)
 	@$(SETUP) && $(VENV_PY) -m pytest --run-slow

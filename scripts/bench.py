@@ -120,24 +120,10 @@ class Served:
 def torchserve(run_dir: Path, store: Path, profile: str, models: list[str]) -> Iterator[Served]:
     """A native TorchServe on free loopback ports, ready when every model has answered."""
     from scripts.examples import write_requests
-    from scripts.serve import (
-        NativeRuntime,
-        Ports,
-        free_ports,
-        render_profile,
-        shut_down,
-        wait_for_token,
-        wait_until_ready,
-    )
+    from scripts.serve import launch_native, shut_down, wait_for_token, wait_until_ready
 
-    run_dir.mkdir(parents=True, exist_ok=True)
-    ports = Ports(*free_ports(5))
-    config = run_dir / "config.properties"
-    config.write_text(render_profile(profile, ports, store))
-    runtime = NativeRuntime(run_dir, store)
     log_path = run_dir / "torchserve.log"
-    with open(log_path, "wb") as log:
-        process = runtime.start(config, models, foreground=True, log=log)
+    runtime, process, ports = launch_native(run_dir, store, profile, models, log_path)
     served = Served(f"http://127.0.0.1:{ports.inference}", None, requests.Session())
     try:
         if profile == "local":

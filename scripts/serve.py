@@ -341,6 +341,21 @@ class ComposeRuntime:
         return was_running
 
 
+def launch_native(
+    run_dir: Path, store: Path, profile: str, models: list[str], log_path: Path
+) -> tuple[NativeRuntime, subprocess.Popen, Ports]:
+    """A foreground native TorchServe on free loopback ports, its output in `log_path` (the
+    tests' servers and make bench's): the config rendered into run_dir, nothing waited for."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    ports = Ports(*free_ports(5))
+    config = run_dir / "config.properties"
+    config.write_text(render_profile(profile, ports, store))
+    runtime = NativeRuntime(run_dir, store)
+    with open(log_path, "wb") as log:
+        process = runtime.start(config, models, foreground=True, log=log)
+    return runtime, process, ports
+
+
 RUNTIMES = {"native": NativeRuntime, "compose": ComposeRuntime}
 ACTIVE_RUNTIME = "runtime"  # in RUN_DIR: which runtime `make serve-local` started last
 

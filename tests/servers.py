@@ -23,9 +23,8 @@ from scripts.promote import served_digests
 from scripts.serve import (
     NativeRuntime,
     Ports,
-    free_ports,
+    launch_native,
     read_token,
-    render_profile,
     shut_down,
     wait_for_token,
     wait_until_ready,
@@ -81,14 +80,8 @@ class Server:
 
 
 def start_server(run_dir: Path, store: Path, profile: str, models: list[str]) -> Server:
-    run_dir.mkdir(parents=True, exist_ok=True)
-    ports = Ports(*free_ports(5))
-    config = run_dir / "config.properties"
-    config.write_text(render_profile(profile, ports, store))
-    runtime = NativeRuntime(run_dir, store)
     log_path = run_dir / "server.log"
-    with open(log_path, "wb") as log:
-        process = runtime.start(config, models, foreground=True, log=log)
+    runtime, process, ports = launch_native(run_dir, store, profile, models, log_path)
     server = Server(profile, ports, run_dir, store, process, runtime, log_path)
     try:
         if profile == "local":

@@ -69,11 +69,15 @@ SLOW_TIMEOUT_S = 3  # responseTimeout of the test-only slow model
 NOT_READY_BOUND_S = 60.0  # "at once": TorchServe itself retries a broken worker for 300 s
 SHUTDOWN_BOUND_S = 30.0
 
+# its own servers, killed and restarted: `make test-hardening` and `make test-slow` run it
+pytestmark = pytest.mark.slow
+
 SLOW_HANDLER = '''"""Test only: LaMa that sleeps in infer for the request's "test_sleep_s"."""
 
 import time
 
 import lama_handler
+
 
 
 class SlowLama(lama_handler.LamaHandler):

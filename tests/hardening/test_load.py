@@ -40,6 +40,9 @@ JOB_QUEUE_SIZE = 2
 BURST = 12  # well above the queue and the one request in the worker
 OVERFLOW_TARGET_S = 0.1  # the figure for a 503, printed beside the measurement
 
+# minutes on a 2-core machine: `make test-hardening` and `make test-slow` run it, not `make test`
+pytestmark = pytest.mark.slow
+
 
 @dataclass
 class Answer:

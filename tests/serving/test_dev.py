@@ -98,7 +98,7 @@ def dev(tmp_path: Path, weights_root: Path) -> Iterator[Dev]:
         if process.poll() is None:
             process.send_signal(signal.SIGINT)  # as Ctrl-C: the summary, then a clean stop
             try:
-                process.wait(timeout=90)
+                process.wait(timeout=180)
             except subprocess.TimeoutExpired:
                 process.kill()
 
@@ -151,5 +151,5 @@ def test_edits_swap_in_while_requests_keep_being_answered(dev: Dev):
         asker.join(timeout=60)
     assert dev.statuses and set(dev.statuses) == {200}, sorted(set(dev.statuses))
     dev.process.send_signal(signal.SIGINT)
-    dev.process.wait(timeout=90)
+    dev.process.wait(timeout=180)
     assert re.search(r"\[dev\] 3 reloads, median [\d.]+ s", dev.output())
