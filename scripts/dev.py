@@ -355,7 +355,9 @@ def main(argv: list[str] | None = None) -> int:
     server = None
     process = None
     stop = threading.Event()
-    for signum in (signal.SIGTERM, signal.SIGHUP):
+    # SIGINT too: a process started in the background by a non-interactive shell inherits SIGINT
+    # ignored, and Python then installs no KeyboardInterrupt handler of its own
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(signum, interrupt)
     try:
         check_ports_free(ports, "local")
