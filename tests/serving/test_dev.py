@@ -21,7 +21,7 @@ import requests
 
 from scripts import PROJECT_ROOT
 from scripts.examples import requests as example_requests
-from scripts.serve import Ports, free_ports
+from scripts.serve import NativeRuntime, Ports, free_ports
 
 START_TIMEOUT_S = 300
 RELOAD_TIMEOUT_S = 120
@@ -101,6 +101,8 @@ def dev(tmp_path: Path, weights_root: Path) -> Iterator[Dev]:
                 process.wait(timeout=180)
             except subprocess.TimeoutExpired:
                 process.kill()
+        # whatever happened to make dev, its TorchServe does not outlive the test
+        NativeRuntime(run_dir, run_dir / "store").stop()
 
 
 def test_edits_swap_in_while_requests_keep_being_answered(dev: Dev):
