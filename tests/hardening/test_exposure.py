@@ -284,22 +284,27 @@ def test_every_live_socket_of_the_frontend_and_its_workers_is_loopback(
     expected = set(asdict(server.ports).values())
     if server.profile == "sagemaker":
         expected.discard(server.ports.management)  # one port for both APIs
-    listening, bound = set(), 0
-    processes = server_tree(server)
-    for process in processes:
-        try:
-            connections = process.net_connections("inet")
-        except psutil.NoSuchProcess:
-            continue
-        is_frontend = process is processes[0]
-        for connection in connections:
-            if connection.raddr or not connection.laddr:
-                continue  # a connection to a peer, not a listener
-            bound += 1
-            assert is_loopback(connection.laddr.ip), (process.cmdline()[:3], connection)
-            assert is_frontend, f"a worker listens on {connection.laddr}"  # workers: Unix sockets
-            if connection.status == psutil.CONN_LISTEN:
-                listening.add(connection.laddr.port)
+    # gRPC binds a moment after /ping answers on a fresh server: look again, boundedly
+    for _ in range(60):
+        listening, bound = set(), 0
+        processes = server_tree(server)
+        for process in processes:
+            try:
+                connections = process.net_connections("inet")
+            except psutil.NoSuchProcess:
+                continue
+            is_frontend = process is processes[0]
+            for connection in connections:
+                if connection.raddr or not connection.laddr:
+                    continue  # a connection to a peer, not a listener
+                bound += 1
+                assert is_loopback(connection.laddr.ip), (process.cmdline()[:3], connection)
+                assert is_frontend, f"a worker listens on {connection.laddr}"  # Unix sockets
+                if connection.status == psutil.CONN_LISTEN:
+                    listening.add(connection.laddr.port)
+        if listening == expected:
+            break
+        time.sleep(0.5)
     assert listening == expected  # metrics and gRPC included, and nothing else
     figures.add(inputs_tried=bound)
 
