@@ -382,12 +382,74 @@ def build_sd_pipeline(variant: str, seed: int = 0, tokenizer: Any = None) -> Any
     )
 
 
+# The diffusers folder's tensor files, by component (what `fetch` downloads, `build` saves).
+SD_TENSOR_FILES = {
+    "unet": "unet/diffusion_pytorch_model.safetensors",
+    "vae": "vae/diffusion_pytorch_model.safetensors",
+    "text_encoder": "text_encoder/model.safetensors",
+}
+
+
+class WeightsMismatchError(ValueError):
+    """A weights file whose tensor names are not those of the architecture it is loaded into."""
+
+
+def _some(names: list[str], limit: int = 5) -> str:
+    """A few names, not thousands: a wrong layout can miss every tensor."""
+    more = f" and {len(names) - limit} more" if len(names) > limit else ""
+    return ", ".join(names[:limit]) + more
+
+
+def check_tensor_names(module: torch.nn.Module, loading: dict, where: str) -> None:
+    """Refuse a loaded component whose file named a tensor its architecture lacks, or lacked one
+    of its parameters (transformers re-initialises it at random, with a warning only; diffusers
+    leaves it on the meta device and fails later, naming neither).
+
+    `loading` is the library's own report (`output_loading_info=True`), not a raw comparison of
+    the safetensors header with `state_dict()`: it is taken after the libraries' key conversions
+    that genuine checkpoints need (transformers 5 strips CLIPTextModel's `text_model.` prefix,
+    diffusers renames the VAE's pre-0.15 attention keys) and without the keys they ignore by
+    design. A missing key matters only when it names a parameter: a missing buffer (e.g. an old
+    checkpoint's position_ids) is one the model computes itself.
+    """
+    parameters = dict(module.named_parameters(remove_duplicate=False))
+    missing = sorted(name for name in loading["missing_keys"] if name in parameters)
+    unexpected = sorted(loading["unexpected_keys"])
+    if missing or unexpected:
+        problems = []
+        if unexpected:
+            problems.append(f"unexpected tensors {_some(unexpected)}")
+        if missing:
+            problems.append(f"missing tensors {_some(missing)}")
+        raise WeightsMismatchError(
+            f"{where}: tensor names do not match {type(module).__name__}: {'; '.join(problems)}"
+        )
+
+
 def load_sd(weights_dir: Path, device: torch.device, dtype: torch.dtype) -> tuple[Any, dict]:
-    from diffusers import StableDiffusionInpaintPipeline
+    from diffusers import AutoencoderKL, StableDiffusionInpaintPipeline, UNet2DConditionModel
+    from transformers import CLIPTextModel
 
     info = read_weights_info(weights_dir, "sd")
+    # The tensor-holding components are loaded here, one by one (smallest first, so a bad file
+    # fails fast), to check each against its library's loading report; the pipeline takes them
+    # as they are and loads only the tokenizer and scheduler itself.
+    classes = {"text_encoder": CLIPTextModel, "vae": AutoencoderKL, "unet": UNet2DConditionModel}
+    components = {}
+    for component, cls in classes.items():
+        module, loading = cls.from_pretrained(
+            str(Path(weights_dir) / component),
+            dtype=dtype,
+            use_safetensors=True,
+            local_files_only=True,
+            output_loading_info=True,
+        )
+        where = f"SD {component} ({Path(weights_dir) / SD_TENSOR_FILES[component]})"
+        check_tensor_names(module, loading, where)
+        components[component] = module
     pipeline = StableDiffusionInpaintPipeline.from_pretrained(
         str(weights_dir),
+        **components,
         dtype=dtype,
         use_safetensors=True,
         local_files_only=True,

@@ -27,7 +27,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from scripts import HANDLERS_DIR, PROJECT_ROOT
-from scripts.weights import DEFAULT_ROOT, MODELS, build_tier, read_info, sha256_of, weights_dir
+from scripts.weights import (
+    DEFAULT_ROOT,
+    MODELS,
+    WeightsChangedError,
+    build_tier,
+    read_info,
+    sha256_of,
+    verify_folder,
+    weights_dir,
+)
 
 DEFAULT_STORE = PROJECT_ROOT / "model_store"
 MANIFEST_NAME = "manifest.json"
@@ -96,6 +105,13 @@ def archive_inputs(model: str, tier: str, weights_root: Path = DEFAULT_ROOT) -> 
         raise FileNotFoundError(
             f"no {tier} weights for {model} in {folder}: run `make fetch-weights` first"
         )
+    else:
+        # fetched weights against the digests recorded when they were converted: a changed
+        # file must not be archived (the archive's own digests would then vouch for it)
+        try:
+            verify_folder(folder, weights_root)
+        except WeightsChangedError as error:
+            raise WeightsChangedError(f"{error}: run `make fetch-weights` again") from error
     return ArchiveInputs(
         model=model,
         tier=tier,
@@ -273,7 +289,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         archive_models(tuple(args.models), args.tier, args.store, args.weights, args.gzip_level)
-    except FileNotFoundError as error:
+    except (FileNotFoundError, WeightsChangedError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
     return 0

@@ -20,6 +20,7 @@ import hashlib
 import json
 import shutil
 import sys
+import time
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -53,6 +54,11 @@ def read_info(folder: Path) -> dict | None:
 
 
 def write_info(folder: Path, info: dict) -> None:
+    """Write the folder's description; a full-tier one also records the SHA-256 of every file
+    written so far, so that it is re-verified before it is trusted (`verify_folder`). Random
+    tiers are rebuilt from their seed instead."""
+    if info.get("tier") == "full":
+        info = {**info, "files": folder_digests(folder)}
     (folder / mmekit_models.WEIGHTS_INFO_FILE).write_text(
         json.dumps(info, indent=2, sort_keys=True) + "\n"
     )
@@ -154,6 +160,94 @@ def sha256_of(path: Path) -> str:
     return digest.hexdigest()
 
 
+# ---------------------------------------------------------------------------------------------
+# Digests of converted folders: what `write_info` recorded is re-checked before a folder is
+# trusted, through a cache so that an unchanged multi-gigabyte folder is not re-read every time.
+
+# Beside the model folders, not in them: a model folder is archived whole.
+DIGEST_CACHE_FILE = ".digests.json"
+# A file modified within the file system's timestamp granularity of being hashed could keep
+# its (size, mtime_ns, inode): only digests of files older than this are remembered.
+DIGEST_CACHE_MIN_AGE_NS = 2_000_000_000
+
+
+class WeightsChangedError(ValueError):
+    """A weights folder whose files are not the ones recorded when it was written."""
+
+
+def folder_files(folder: Path) -> list[str]:
+    """Every file of `folder` but its description, as sorted relative POSIX paths."""
+    return sorted(
+        path.relative_to(folder).as_posix()
+        for path in folder.rglob("*")
+        if path.is_file() and path.name != mmekit_models.WEIGHTS_INFO_FILE
+    )
+
+
+def folder_digests(folder: Path) -> dict[str, str]:
+    return {relative: sha256_of(folder / relative) for relative in folder_files(folder)}
+
+
+def file_stamp(path: Path) -> list[int]:
+    """What must not change for a remembered digest to stand."""
+    stat = path.stat()
+    return [stat.st_size, stat.st_mtime_ns, stat.st_ino]
+
+
+def load_digest_cache(cache_file: Path) -> dict[str, dict]:
+    try:
+        entries = json.loads(cache_file.read_text())
+    except (OSError, ValueError):  # none yet, or unreadable: it is only a cache
+        return {}
+    return entries if isinstance(entries, dict) else {}
+
+
+def save_digest_cache(cache_file: Path, entries: dict[str, dict]) -> None:
+    kept = {path: entry for path, entry in entries.items() if Path(path).is_file()}
+    staging = cache_file.with_name(cache_file.name + ".partial")
+    staging.write_text(json.dumps(kept, indent=2, sort_keys=True) + "\n")
+    staging.replace(cache_file)  # atomic: a concurrent reader sees the old or the new cache
+
+
+def cached_sha256(path: Path, entries: dict[str, dict]) -> str:
+    """sha256_of(path), unless `entries` holds it for the file's current (size, mtime, inode)."""
+    key, stamp = str(path.resolve()), file_stamp(path)
+    entry = entries.get(key)
+    if isinstance(entry, dict) and entry.get("stamp") == stamp:
+        return entry["sha256"]
+    digest = sha256_of(path)
+    if time.time_ns() - stamp[1] >= DIGEST_CACHE_MIN_AGE_NS:
+        entries[key] = {"stamp": stamp, "sha256": digest}
+    else:
+        entries.pop(key, None)
+    return digest
+
+
+def verify_folder(folder: Path, root: Path) -> None:
+    """Raise WeightsChangedError naming the first file of `folder` that differs from the
+    SHA-256 its mmekit_model.json recorded (or is missing, or was added since)."""
+    info_path = folder / mmekit_models.WEIGHTS_INFO_FILE
+    recorded = (read_info(folder) or {}).get("files")
+    if not isinstance(recorded, dict) or not recorded:
+        raise WeightsChangedError(f"{info_path} records no file digests to verify the folder by")
+    added = sorted(set(folder_files(folder)) - set(recorded))
+    if added:
+        raise WeightsChangedError(f"{folder / added[0]} is not among the files {info_path} lists")
+    cache_file = Path(root) / DIGEST_CACHE_FILE
+    entries = load_digest_cache(cache_file)
+    try:
+        for relative, expected in sorted(recorded.items()):
+            path = folder / relative
+            if not path.is_file():
+                raise WeightsChangedError(f"{path} is missing (listed in {info_path})")
+            if cached_sha256(path, entries) != expected:
+                raise WeightsChangedError(
+                    f"{path} has changed: its SHA-256 is not the one recorded in {info_path}"
+                )
+    finally:
+        save_digest_cache(cache_file, entries)
+
+
 def load_pins(path: Path = FULL_TIER_PINS) -> dict:
     return yaml.safe_load(Path(path).read_text())
 
@@ -206,11 +300,7 @@ def fetch_lama(pins: dict, variant: str, folder: Path, downloads: Path, progress
         )
 
 
-SD_TENSOR_FILES = {
-    "unet": "unet/diffusion_pytorch_model.safetensors",
-    "vae": "vae/diffusion_pytorch_model.safetensors",
-    "text_encoder": "text_encoder/model.safetensors",
-}
+SD_TENSOR_FILES = mmekit_models.SD_TENSOR_FILES
 
 
 def write_sd_folder(variant: str, tensors: dict[str, Path], folder: Path) -> None:
@@ -285,6 +375,20 @@ def fetch_sd(pins: dict, variant: str, folder: Path, downloads: Path, progress: 
 FETCHERS = {"sam": fetch_sam, "lama": fetch_lama, "sd": fetch_sd}
 
 
+def is_current(folder: Path, root: Path, variant: str, source: dict) -> bool:
+    """Whether `folder` was converted from these pinned files and is unchanged since; a changed
+    one is reported and then converted again (from the downloads, which are re-verified)."""
+    info = read_info(folder)
+    if not (info and info.get("variant") == variant and info.get("source") == source):
+        return False
+    try:
+        verify_folder(folder, root)
+    except WeightsChangedError as error:
+        print(f"{error}: converting it again", flush=True)
+        return False
+    return True
+
+
 def fetch_full(
     root: Path = DEFAULT_ROOT,
     variants: dict[str, str] | None = None,
@@ -294,7 +398,8 @@ def fetch_full(
 ) -> list[Path]:
     """Download, verify and convert the real checkpoints into weights/full/<model>/.
 
-    A model whose folder already came from the same pinned files is left alone.
+    A model whose folder already came from the same pinned files, and whose files still have
+    the SHA-256 recorded when it was converted, is left alone.
     """
     chosen = {**FULL_TIER_VARIANTS, **(variants or {})}
     pins = load_pins(pins_path)
@@ -303,14 +408,13 @@ def fetch_full(
     fetched = []
     for model in models:
         folder = weights_dir(root, "full", model)
-        info = read_info(folder)
         pin = pins[model][chosen[model]]
         wanted = (
             {name: source_info(file) for name, file in pin["files"].items()}
             if "files" in pin
             else source_info(pin)
         )
-        if info and info.get("variant") == chosen[model] and info.get("source") == wanted:
+        if is_current(folder, root, chosen[model], wanted):
             print(f"full {model} ({chosen[model]}) is up to date", flush=True)
         else:
             print(f"fetching full {model} ({chosen[model]})", flush=True)

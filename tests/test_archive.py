@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 import tarfile
 from pathlib import Path
 
 import pytest
 
-from scripts import archive
+from scripts import archive, weights
 
 
 def digest(path: Path) -> str:
@@ -109,3 +110,17 @@ def test_auto_tier_prefers_fetched_weights(tmp_path):
     full.mkdir(parents=True)
     (full / "mmekit_model.json").write_text('{"model": "sam", "variant": "vit_h"}')
     assert archive.resolve_tier("sam", "auto", tmp_path) == "full"
+
+
+def test_a_changed_full_tier_file_is_not_archived(tmp_path, tiny_weights, capsys):
+    folder = Path(shutil.copytree(tiny_weights("sam"), tmp_path / "full" / "sam"))
+    weights.write_info(folder, {**weights.read_info(folder), "tier": "full"})
+    assert archive.archive_inputs("sam", "full", tmp_path).weights == folder
+    tensors = folder / "model.safetensors"
+    data = bytearray(tensors.read_bytes())
+    data[-1] ^= 0x01
+    tensors.write_bytes(bytes(data))
+    code = archive.main(["--tier", "full", "--models", "sam", "--weights", str(tmp_path)])
+    error = capsys.readouterr().err
+    assert code == 1
+    assert f"{tensors} has changed" in error and "make fetch-weights" in error

@@ -386,16 +386,10 @@ def test_a_flipped_header_byte_fails_the_load_with_a_clear_error(
     figures.add(faults_injected=faults)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="handlers/mmekit_models.load_sd: a flipped byte in a tensor name loads the text "
-    "encoder anyway (transformers re-initialises the 'missing' tensor at random, a warning "
-    "only), and the UNet/VAE fail with 'Cannot copy out of meta tensor', naming neither",
-)
 def test_a_flipped_tensor_name_in_an_sd_component_is_refused_naming_it(
     tiny_weights, tmp_path: Path, figures
 ):
-    for relative in (TEXT_ENCODER, UNET):
+    for relative in (TEXT_ENCODER, "vae/diffusion_pytorch_model.safetensors", UNET):
         folder = Path(shutil.copytree(tiny_weights("sd"), tmp_path / relative.split("/")[0]))
         target = folder / relative
         data = target.read_bytes()
@@ -404,9 +398,10 @@ def test_a_flipped_tensor_name_in_an_sd_component_is_refused_naming_it(
         position = start + data[start:end].index(f'"{name}"'.encode()) + 3
         target.write_bytes(flipped(data, position))
         figures.add(faults_injected=1)
-        with pytest.raises(Exception) as raised:
+        with pytest.raises(mmekit_models.WeightsMismatchError) as raised:
             mmekit_models.load_sd(folder, CPU, torch.float32)
-        assert name in str(raised.value) or relative in str(raised.value), str(raised.value)
+        message = str(raised.value)
+        assert name in message and relative in message, message
 
 
 def small_store(served_store: Path, weights_root: Path, store: Path) -> Path:
@@ -479,12 +474,6 @@ def test_python_extraction_catches_a_flipped_tarball_byte(
         extract_like_sagemaker(tarball, tmp_path / "extracted", "sam")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="scripts/weights.py: fetch_full calls a full-tier folder up to date when its "
-    "mmekit_model.json names the pinned source; the converted safetensors are never re-hashed "
-    "(nor by archive_inputs), so a flipped byte is archived, served and can be promoted",
-)
 def test_a_flipped_byte_in_fetched_weights_is_caught_before_archiving(
     tiny_weights, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, figures
 ):
@@ -507,3 +496,6 @@ def test_a_flipped_byte_in_fetched_weights_is_caught_before_archiving(
         assert "model.safetensors" in str(error)
         return
     assert refetched, "fetch_full called the corrupted folder up to date"
+    # the folder is still corrupted (the fetcher above converted nothing): archiving refuses it
+    with pytest.raises(weights.WeightsChangedError, match=r"model\.safetensors has changed"):
+        archive_inputs("sam", "full", root)
