@@ -230,13 +230,8 @@ class DevServer:
     def start(self, log_stream: object = None) -> subprocess.Popen:
         if self.tier in ("tiny", "synthetic"):
             build_tier(self.tier, self.weights_root)
-        config = self.run_dir / "config.properties"
-        config.write_text(render_profile("dev", self.ports, self.store))
-        (self.run_dir / "key_file.json").unlink(missing_ok=True)
         builds = {model: self.build(model, 1) for model in MODELS}
-        process = self.runtime.start(config, [], foreground=True, log=log_stream)
-        wait_for_token(self.run_dir, process)
-        self.wait_for_ping(process)
+        process = self.launch(log_stream)
         for model in MODELS:
             since = self.log_size()
             reply = self.register(model, 1)
@@ -245,6 +240,17 @@ class DevServer:
             self.wait_answering(model, 1, since)
             self.versions[model] = 1
             log(f"{model} v1 ready ({builds[model].name}, sha256 {sha256_of(builds[model])[:12]})")
+        return process
+
+    def launch(self, log_stream: object = None) -> subprocess.Popen:
+        """TorchServe with the `dev` profile and no model yet, once it answers. Only a caller
+        with its keys (key_file.json, owner only: NativeRuntime.start) may register a model."""
+        config = self.run_dir / "config.properties"
+        config.write_text(render_profile("dev", self.ports, self.store))
+        (self.run_dir / "key_file.json").unlink(missing_ok=True)
+        process = self.runtime.start(config, [], foreground=True, log=log_stream)
+        wait_for_token(self.run_dir, process)
+        self.wait_for_ping(process)
         return process
 
     def wait_for_ping(self, process: subprocess.Popen, timeout: float = 120.0) -> None:

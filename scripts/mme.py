@@ -6,10 +6,13 @@ A small server on loopback that speaks the SageMaker runtime API for one endpoin
 a real TorchServe running the `sagemaker` profile, and drives it the way SageMaker drives the
 container: on a target's first invocation it fetches the tarball (local folder or `s3://`),
 extracts it to `<root>/opt/ml/models/<hash>/model`, registers it with `POST /models
-{"model_name", "url"}`, then invokes `/models/<hash>/invoke`. It keeps SageMaker's limits and
-error shapes (ValidationError, ModelError 424 with OriginalStatusCode, ModelNotReadyException
-429), evicts least-recently-used models past a memory budget or on a 507, and exposes MME-style
-metrics in Prometheus text at `/metrics`.
+{"model_name", "url"}`, then invokes `/models/<hash>/invoke`. Unlike SageMaker's network, this
+machine lets any local process reach loopback, so that TorchServe runs the profile as `mme`: a
+key on every API (the management API on a port of its own), in a run folder only its owner can
+read, so only the emulator can register a model. It keeps SageMaker's limits and error shapes
+(ValidationError, ModelError 424 with OriginalStatusCode, ModelNotReadyException 429), evicts
+least-recently-used models past a memory budget or on a 507, and exposes MME-style metrics in
+Prometheus text at `/metrics`.
 
     python -m scripts.mme [--source model_store | s3://bucket/prefix] [--port 8090]
 """
@@ -23,6 +26,7 @@ import logging
 import os
 import shutil
 import signal
+import subprocess
 import sys
 import tarfile
 import threading
@@ -34,12 +38,16 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import Any
+from typing import IO, TYPE_CHECKING, Any
 
 import requests
+import requests.auth
 from prometheus_client import CollectorRegistry, Counter, Gauge, Summary, generate_latest
 
 from scripts import PROJECT_ROOT
+
+if TYPE_CHECKING:
+    from scripts.serve import NativeRuntime, Ports
 
 logger = logging.getLogger("mmekit.mme")
 
@@ -47,6 +55,7 @@ MAX_BODY_BYTES = 6_291_456  # InvokeEndpoint's request and response payload limi
 INVOCATION_TIMEOUT_S = 60.0  # SageMaker waits this long for the container's answer
 NOT_READY_AFTER_S = 60.0  # a model still loading then: ModelNotReadyException, load goes on
 LOAD_TIMEOUT_S = 360.0  # how long a load may go on at all
+READY_POLL_S = 0.2  # how often an invocation that arrived early looks at TorchServe again
 ACCOUNT = "000000000000"
 REGION = "us-east-1"
 
@@ -68,6 +77,13 @@ class SageMakerError(Exception):
 
 def validation_error(message: str) -> SageMakerError:
     return SageMakerError("ValidationError", 400, message)
+
+
+def not_ready_error(message: str) -> SageMakerError:
+    """SageMaker's answer for "not yet", which a client retries (HTTP 429)."""
+    return SageMakerError(
+        "ModelNotReadyException", 429, f"{message} Wait and try your request again."
+    )
 
 
 def model_error(endpoint: str, status: int, original: str) -> SageMakerError:
@@ -156,32 +172,62 @@ class Reply:
         return self.body.decode("utf-8", errors="replace")
 
 
+class KeyFileAuth(requests.auth.AuthBase):
+    """TorchServe's keys, read from its key_file.json for every call: the management key on the
+    management API, the inference key on the other. None there yet (TorchServe is starting): no
+    header, and TorchServe refuses the call."""
+
+    def __init__(self, key_dir: Path, management_url: str) -> None:
+        self.key_dir, self.management_url = key_dir, management_url
+
+    def __call__(self, request: requests.PreparedRequest) -> requests.PreparedRequest:
+        from scripts.serve import ServeError, read_token  # imports torch: only once it runs
+
+        management = (request.url or "").startswith(self.management_url + "/")
+        try:
+            key = read_token(self.key_dir, "management" if management else "inference")
+        except (ServeError, ValueError, KeyError):  # not written yet, or half written
+            return request
+        request.headers["Authorization"] = f"Bearer {key}"
+        return request
+
+
 class TorchServeClient:
-    def __init__(self, url: str) -> None:
+    """What SageMaker's agent calls: registration on the management API, invocations on the
+    inference API. One port and no key in SageMaker's own profile; in the emulator's (`mme`,
+    start_torchserve) two ports and a key from `key_dir`'s key_file.json on every call."""
+
+    def __init__(
+        self, url: str, management_url: str | None = None, key_dir: Path | None = None
+    ) -> None:
         self.url = url.rstrip("/")
+        self.management_url = (management_url or url).rstrip("/")
+        self.auth = KeyFileAuth(key_dir, self.management_url) if key_dir is not None else None
         self._local = threading.local()
 
     @property
     def session(self) -> requests.Session:
         # keep-alive per thread: requests' Session is not meant to be shared between threads
         if not hasattr(self._local, "session"):
-            self._local.session = requests.Session()
+            session = requests.Session()
+            session.auth = self.auth  # every call through it carries the key
+            self._local.session = session
         return self._local.session
 
     def register(self, name: str, folder: Path) -> Reply:
         reply = self.session.post(
-            f"{self.url}/models",
+            f"{self.management_url}/models",
             json={"model_name": name, "url": str(folder)},
             timeout=LOAD_TIMEOUT_S,
         )
         return Reply(reply.status_code, reply.content)
 
     def describe(self, name: str) -> Reply:
-        reply = self.session.get(f"{self.url}/models/{name}", timeout=30)
+        reply = self.session.get(f"{self.management_url}/models/{name}", timeout=30)
         return Reply(reply.status_code, reply.content)
 
     def unregister(self, name: str) -> Reply:
-        reply = self.session.delete(f"{self.url}/models/{name}", timeout=60)
+        reply = self.session.delete(f"{self.management_url}/models/{name}", timeout=60)
         return Reply(reply.status_code, reply.content)
 
     def invoke(
@@ -194,6 +240,58 @@ class TorchServeClient:
             timeout=timeout,
         )
         return Reply(reply.status_code, reply.content, reply.headers.get("content-type", ""))
+
+
+@dataclass
+class Backend:
+    """The TorchServe behind the emulator, as start_torchserve started it."""
+
+    runtime: NativeRuntime
+    process: subprocess.Popen
+    ports: Ports
+    models_dir: Path  # SageMaker's /opt/ml/models: TorchServe's model store
+    client: TorchServeClient
+
+    def wait_until_accepting(self, timeout: float = 120.0) -> None:
+        """Until TorchServe takes calls with its keys (what the emulator's /ping looks for)."""
+        from scripts.serve import ServeError, accepts_calls
+
+        client, deadline = self.client, time.monotonic() + timeout
+        while not accepts_calls(client.url, client.management_url, session=client.session):
+            if self.process.poll() is not None:
+                raise ServeError(f"TorchServe exited (status {self.process.returncode})")
+            if time.monotonic() > deadline:
+                raise ServeError(f"TorchServe did not accept calls within {timeout:.0f} s")
+            time.sleep(0.2)
+
+    def stop(self) -> None:
+        from scripts.serve import shut_down
+
+        shut_down(self.runtime, self.process)
+
+
+def start_torchserve(root: Path, log: IO[bytes] | None = None) -> Backend:
+    """TorchServe as `make serve-mme` runs it, not waited for: the `mme` profile (SageMaker's,
+    with a key on every API: scripts/serve.py PROFILE_CHANGES) on free loopback ports, with
+    <root>/opt/ml/models as its store and <root>/torchserve, owner only, as its run folder."""
+    from scripts.serve import NativeRuntime, Ports, free_ports, render_profile
+
+    ports = Ports(*free_ports(5))  # internal: any free loopback ports will do
+    run_dir = root / "torchserve"
+    models_dir = root / "opt" / "ml" / "models"
+    models_dir.mkdir(parents=True, exist_ok=True)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    config = run_dir / "config.properties"
+    config.write_text(render_profile("mme", ports, models_dir))
+    runtime = NativeRuntime(run_dir, models_dir)
+    (runtime.key_dir / "key_file.json").unlink(missing_ok=True)  # no stale keys are read
+    process = runtime.start(config, [], foreground=True, log=log)
+    client = TorchServeClient(
+        f"http://127.0.0.1:{ports.inference}",
+        f"http://127.0.0.1:{ports.management}",
+        key_dir=runtime.key_dir,
+    )
+    return Backend(runtime, process, ports, models_dir, client)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -262,6 +360,32 @@ class Endpoint:
         self.loading: dict[str, Future] = {}
         self.lock = threading.RLock()
         self.executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="mme-load")
+        # set once TorchServe has taken calls: until then /ping says 503 and loads wait
+        self.accepting = threading.Event()
+
+    # -- readiness ----------------------------------------------------------------------------
+    def backend_ready(self) -> bool:
+        """TorchServe answers /ping and its management API takes calls (with the client's key,
+        where it has one): what SageMaker's /ping of the container means before InService."""
+        from scripts.serve import accepts_calls  # imports torch: only once the server runs
+
+        client = self.torchserve
+        if accepts_calls(client.url, client.management_url, session=client.session):
+            if not self.accepting.is_set():
+                logger.info("ready: TorchServe accepts calls")
+            self.accepting.set()
+            return True
+        return False
+
+    def _wait_until_accepting(self, deadline: float) -> bool:
+        """Bounded: an invocation that arrived while TorchServe was starting waits for it."""
+        while not self.accepting.is_set():
+            if self.backend_ready():
+                return True
+            if time.monotonic() + READY_POLL_S >= deadline:
+                return False
+            time.sleep(READY_POLL_S)
+        return True
 
     # -- invocation ---------------------------------------------------------------------------
     def invoke(self, endpoint: str, target: str | None, body: bytes, content_type: str) -> Reply:
@@ -314,19 +438,22 @@ class Endpoint:
 
     # -- loading ------------------------------------------------------------------------------
     def _wait_for_load(self, target: str) -> LoadedModel:
+        deadline = time.monotonic() + self.not_ready_after_s
+        if not self._wait_until_accepting(deadline):  # no load that would meet a closed port
+            raise not_ready_error(
+                f"Model {target} is not ready yet: the endpoint is still starting (TorchServe "
+                "does not accept calls yet)."
+            )
         with self.lock:
             future = self.loading.get(target)
             if future is None:
                 future = self.executor.submit(self.load, target)
                 self.loading[target] = future
         try:
-            return future.result(timeout=self.not_ready_after_s)
+            return future.result(timeout=max(0.0, deadline - time.monotonic()))
         except FutureTimeout:
-            raise SageMakerError(
-                "ModelNotReadyException",
-                429,
-                f"Model {target} is not ready yet: it is still being downloaded or loaded. "
-                "Wait and try your request again.",
+            raise not_ready_error(
+                f"Model {target} is not ready yet: it is still being downloaded or loaded."
             ) from None
         except ModelNotFound:
             raise validation_error(
@@ -460,12 +587,15 @@ def model_name(source_uri: str, target: str) -> str:
 # HTTP
 
 
-def create_app(endpoint: Endpoint) -> Any:
+def create_app(endpoint: Endpoint, bind_address: str = "127.0.0.1") -> Any:
     from starlette.applications import Starlette
     from starlette.concurrency import run_in_threadpool
+    from starlette.middleware import Middleware
     from starlette.requests import Request
-    from starlette.responses import Response
+    from starlette.responses import JSONResponse, Response
     from starlette.routing import Route
+
+    from scripts.loopback import LoopbackGuard
 
     async def invocations(request: Request) -> Response:
         request_id = str(uuid.uuid4())
@@ -494,14 +624,25 @@ def create_app(endpoint: Endpoint) -> Any:
             },
         )
 
+    async def ping(request: Request) -> Response:
+        # 200 only once an invocation would be served: SageMaker keeps an endpoint out of
+        # service until the container's /ping passes, so its clients never meet a cold start
+        if await run_in_threadpool(endpoint.backend_ready):
+            return JSONResponse({"status": "Healthy"})
+        message = "the endpoint is starting: TorchServe does not accept calls yet"
+        return JSONResponse({"status": "Unhealthy", "message": message}, status_code=503)
+
     async def metrics(request: Request) -> Response:
         return Response(endpoint.metrics.text(), media_type="text/plain; version=0.0.4")
 
     return Starlette(
         routes=[
             Route("/endpoints/{endpoint_name}/invocations", invocations, methods=["POST"]),
+            Route("/ping", ping, methods=["GET"]),
             Route("/metrics", metrics, methods=["GET"]),
-        ]
+        ],
+        # loopback names only: a DNS-rebinding page must not reach the models (JSON 400)
+        middleware=[Middleware(LoopbackGuard, bind_address=bind_address)],
     )
 
 
@@ -513,16 +654,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from scripts.archive import DEFAULT_STORE, archive_models
     from scripts.examples import write_requests
-    from scripts.serve import (
-        NativeRuntime,
-        Ports,
-        ServeError,
-        check_port_free,
-        free_ports,
-        interrupt,
-        render_profile,
-        shut_down,
-    )
+    from scripts.serve import ServeError, check_port_free, interrupt
 
     parser = argparse.ArgumentParser(
         prog="python -m scripts.mme",
@@ -555,28 +687,18 @@ def main(argv: list[str] | None = None) -> int:
         if Path(args.source).resolve() == DEFAULT_STORE.resolve():
             archive_models()  # the model store is built from the project, as for serve-local
         source = LocalSource(Path(args.source))
-    # TorchServe behind the emulator is internal: any free loopback ports will do
-    api_port, metrics_port, grpc_inference, grpc_management = free_ports(4)
-    torchserve_ports = Ports(api_port, api_port, metrics_port, grpc_inference, grpc_management)
     try:
         check_port_free(args.port, "emulator", "MME_PORT")
     except ServeError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
-    run_dir = args.root / "torchserve"
-    run_dir.mkdir(parents=True, exist_ok=True)
-    models_root = args.root / "opt" / "ml" / "models"
-    models_root.mkdir(parents=True, exist_ok=True)
-    config = run_dir / "config.properties"
-    config.write_text(render_profile("sagemaker", torchserve_ports, models_root))
-    runtime = NativeRuntime(run_dir, models_root)
-    process = runtime.start(config, [], foreground=True)
+    backend = start_torchserve(args.root)
     endpoint = Endpoint(
         name=args.endpoint_name,
         source=source,
-        models_dir=models_root,
+        models_dir=backend.models_dir,
         downloads_dir=args.root / "downloads",
-        torchserve=TorchServeClient(f"http://127.0.0.1:{torchserve_ports.inference}"),
+        torchserve=backend.client,
         memory_budget_bytes=(
             int(args.memory_budget_mb * 1e6) if args.memory_budget_mb is not None else None
         ),
@@ -593,7 +715,7 @@ def main(argv: list[str] | None = None) -> int:
         pass
     finally:
         endpoint.close()
-        shut_down(runtime, process)
+        backend.stop()
     return 0
 
 

@@ -30,6 +30,7 @@ import string
 import subprocess
 import sys
 import time
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import IO
@@ -48,6 +49,22 @@ PROFILES = {
     "local": "local.properties",
     "sagemaker": "sagemaker.properties",
     "dev": "dev.properties",  # make dev only (scripts/dev.py): the model API on
+    "mme": "sagemaker.properties",  # make serve-mme only (scripts/mme.py): with PROFILE_CHANGES
+}
+# `make serve-mme` runs SageMaker's profile on a machine where any local process can reach
+# loopback. TorchServe 0.12 registers a plain path from anywhere (allowed_urls checks URLs only)
+# and its gRPC management API cannot be turned off or bound to a Unix socket, so a key must
+# guard every API: token authorization on, which needs the management API on a port of its
+# own (on one port the inference and management checks run in series and refuse every key).
+# The keys live in key_file.json (0600, in a 0700 run folder: NativeRuntime.start) and are read
+# for every call; they last the emulator's run instead of 60 minutes, since whoever can read the
+# file also holds the API key that mints fresh ones. The container's `sagemaker` stays as is.
+PROFILE_CHANGES: dict[str, dict[str, str]] = {
+    "mme": {
+        "management_address": "http://${bind_address}:${management_port}",
+        "disable_token_authorization": "false",
+        "token_expiration_min": "525600",  # a year: the run's, never renewed
+    },
 }
 
 
@@ -81,8 +98,12 @@ def render_profile(
 ) -> str:
     """A TorchServe config.properties. Listeners bind loopback; only inside a container, whose
     ports are published on the host's loopback (or reached by SageMaker), is 0.0.0.0 right."""
-    template = string.Template((PROJECT_ROOT / "configs" / PROFILES[profile]).read_text())
-    return template.substitute(
+    text = (PROJECT_ROOT / "configs" / PROFILES[profile]).read_text()
+    if profile in PROFILE_CHANGES:
+        text = f"# profile `{profile}`: as below, with scripts/serve.py's PROFILE_CHANGES\n" + (
+            with_changes(text, PROFILE_CHANGES[profile])
+        )
+    return string.Template(text).substitute(
         bind_address=bind_address,
         inference_port=ports.inference,
         management_port=ports.management,
@@ -91,6 +112,19 @@ def render_profile(
         grpc_management_port=ports.grpc_management,
         model_store=str(model_store),
     )
+
+
+def with_changes(text: str, changes: Mapping[str, str]) -> str:
+    """A config.properties with each key of `changes` set in place (appended where absent), so
+    the rendered file holds one value per key."""
+    lines = text.splitlines()
+    for key, value in changes.items():
+        found = [i for i, line in enumerate(lines) if line.split("=", 1)[0].strip() == key]
+        for i in found:
+            lines[i] = f"{key}={value}"
+        if not found:
+            lines.append(f"{key}={value}")
+    return "\n".join(lines) + "\n"
 
 
 def free_ports(count: int) -> list[int]:
@@ -189,6 +223,10 @@ class NativeRuntime:
         self, config: Path, models: list[str], foreground: bool, log: IO[bytes] | None = None
     ) -> subprocess.Popen:
         """Start TorchServe; its output goes to the terminal, or to `log` when given."""
+        # Owner only: TorchServe creates key_file.json with the umask's mode and narrows it to
+        # 0600 only once the keys are written, and the workers' sockets are under tmp/ here.
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.run_dir.chmod(0o700)
         return subprocess.Popen(
             self.command(config, models, foreground),
             cwd=self.run_dir,  # key_file.json and logs/ land here
@@ -342,14 +380,21 @@ class ComposeRuntime:
 
 
 def launch_native(
-    run_dir: Path, store: Path, profile: str, models: list[str], log_path: Path
+    run_dir: Path,
+    store: Path,
+    profile: str,
+    models: list[str],
+    log_path: Path,
+    extra_properties: Mapping[str, str | int] | None = None,
 ) -> tuple[NativeRuntime, subprocess.Popen, Ports]:
     """A foreground native TorchServe on free loopback ports, its output in `log_path` (the
-    tests' servers and make bench's): the config rendered into run_dir, nothing waited for."""
+    tests' servers and make bench's): the config rendered into run_dir, nothing waited for.
+    `extra_properties` replace or add to the profile's settings."""
     run_dir.mkdir(parents=True, exist_ok=True)
     ports = Ports(*free_ports(5))
     config = run_dir / "config.properties"
-    config.write_text(render_profile(profile, ports, store))
+    extra = {key: str(value) for key, value in (extra_properties or {}).items()}
+    config.write_text(with_changes(render_profile(profile, ports, store), extra))
     runtime = NativeRuntime(run_dir, store)
     with open(log_path, "wb") as log:
         process = runtime.start(config, models, foreground=True, log=log)
@@ -415,6 +460,33 @@ def tiny_banner(entries: dict[str, dict]) -> str:
             rule,
         ]
     )
+
+
+def accepts_calls(
+    inference_url: str,
+    management_url: str | None = None,
+    session: requests.Session | None = None,
+    headers: Mapping[str, str] | None = None,
+    management_headers: Mapping[str, str] | None = None,
+    timeout: float = 2.0,
+) -> bool:
+    """One look: TorchServe's /ping answers 200 and, given `management_url`, its management API
+    answers `GET /models`, so a registration now would be taken. Not readiness of a model (that
+    is a real inference, wait_until_ready): the frontend's. False, never an exception, while it
+    is starting (connection refused, a half-open listener)."""
+    http = session if session is not None else requests.Session()
+    try:
+        if http.get(f"{inference_url}/ping", headers=headers, timeout=timeout).status_code != 200:
+            return False
+        if management_url is None:
+            return True
+        listed = http.get(f"{management_url}/models", headers=management_headers, timeout=timeout)
+        return listed.status_code == 200
+    except requests.RequestException:
+        return False
+    finally:
+        if session is None:
+            http.close()
 
 
 def wait_until_ready(

@@ -16,7 +16,9 @@ the AWS credentials; the browser only ever sees images and masks.
                    -> {"image": b64 PNG, "seed": n}
 
 Errors are JSON {"error": code, "message": what to fix}: 400 for a request that cannot work as
-sent (or that the model refused), 502 when the target is unreachable or failed.
+sent (or that the model refused), 502 when the target is unreachable or failed. Only the
+loopback names are answered (another Host is a 400 `bad_host`: DNS-rebinding protection), and a
+POST from another origin's page is a 403 `cross_origin` (scripts/loopback.py).
 """
 
 from __future__ import annotations
@@ -38,7 +40,6 @@ from PIL import Image
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.middleware import Middleware
-from starlette.middleware.trustedhost import TrustedHostMiddleware
 from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import Mount, Route
@@ -46,6 +47,7 @@ from starlette.staticfiles import StaticFiles
 
 from scripts import client
 from scripts.client import EditError, Picture, Target
+from scripts.loopback import LoopbackGuard
 
 STATIC_DIR = Path(__file__).resolve().parent / "ui_static"
 HOST = "127.0.0.1"
@@ -285,8 +287,11 @@ def create_app(target: Target, max_side: int | None = None) -> Starlette:
         Route("/api/replace", api(editor.replace), methods=["POST"]),
         Mount("/static", StaticFiles(directory=STATIC_DIR), name="static"),
     ]
-    # Loopback names only: a DNS-rebinding page under another name gets 400, not the API.
-    middleware = [Middleware(TrustedHostMiddleware, allowed_hosts=["127.0.0.1", "localhost"])]
+    # Loopback names only (a DNS-rebinding page under another name gets a 400), and no edit
+    # from another site's page (403): the server spends the user's target and credentials.
+    middleware = [
+        Middleware(LoopbackGuard, bind_address=HOST, check_origin=True, refusal=error_response)
+    ]
     return Starlette(
         routes=routes, middleware=middleware, exception_handlers={Exception: internal_error}
     )

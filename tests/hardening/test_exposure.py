@@ -4,11 +4,14 @@ Every listener binds loopback (rendered configs, compose.yaml and the live socke
 server); the model API is off in `local`; `allowed_urls` refuses remote and out-of-store URLs
 (a loopback canary HTTP server counts every connection it gets); tokens are refused when
 missing, wrong, crossed or expired, and a fresh one comes from the token API; worker processes
-do not see the server's secret environment variables.
+do not see the server's secret environment variables. Where TorchServe cannot refuse a model
+(a plain path, from anywhere), only the server's own code can ask: `make serve-mme`'s and
+`make dev`'s TorchServe refuse every other local client, another user's process included.
 
-Three servers at most: the session's `local_server` and `sagemaker_server`, and one `guarded`
-server shared by this module: the local profile (token auth on) with the model API on, tokens
-that expire in seconds, the secret variables in its environment and `blacklist_env_vars`.
+Five servers at most: the session's `local_server` and `sagemaker_server`, and three shared by
+this module: `guarded`, the local profile (token auth on) with the model API on, tokens that
+expire in seconds, the secret variables in its environment and `blacklist_env_vars`; `emulator`
+and `dev_server`, the TorchServe of `make serve-mme` and of `make dev`, started by their code.
 (Token auth on a single-port server, as the sagemaker profile runs, refuses every key: the
 inference and management checks run in series on the one port.)
 """
@@ -18,8 +21,12 @@ from __future__ import annotations
 import http.server
 import ipaddress
 import json
+import os
+import pwd
 import re
 import shutil
+import stat
+import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -35,7 +42,7 @@ import yaml
 
 from scripts import PROJECT_ROOT, container, examples, serve
 from scripts.serve import NativeRuntime, Ports, free_ports, render_profile, wait_for_token
-from tests.servers import Server, extract_like_sagemaker
+from tests.servers import READY_TIMEOUT_S, Server, extract_like_sagemaker
 
 # Set in the guarded server's environment: no worker may see any of them.
 SECRETS = {
@@ -276,7 +283,53 @@ def test_every_rendered_listener_is_loopback_and_compose_publishes_on_loopback_o
     figures.add(inputs_tried=len(native) + len(inside) + published)
 
 
-@pytest.mark.parametrize("which", ["local_server", "sagemaker_server", "guarded"])
+@pytest.fixture(scope="module")
+def emulator(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """The TorchServe behind `make serve-mme`, started by the emulator's own code."""
+    from scripts.mme import start_torchserve
+
+    root = tmp_path_factory.mktemp("emulator")
+    log_path = root / "torchserve.log"
+    with open(log_path, "wb") as log:
+        backend = start_torchserve(root, log)
+    server = Server(
+        "mme", backend.ports, backend.runtime.run_dir, backend.models_dir, backend.process,
+        backend.runtime, log_path,
+    )  # fmt: skip
+    try:
+        backend.wait_until_accepting(READY_TIMEOUT_S)
+    except BaseException:
+        print(f"--- emulator's TorchServe log ---\n{server.log_tail(200)}")
+        server.stop()
+        raise
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def dev_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """`make dev`'s TorchServe, launched by its own code, no model registered yet."""
+    from scripts.dev import DevServer
+
+    run_dir = tmp_path_factory.mktemp("dev-run")
+    ports = Ports(*free_ports(5))
+    dev = DevServer(PROJECT_ROOT, run_dir, run_dir / "weights", "tiny", ports)
+    log_path = run_dir / "server.log"
+    try:
+        with open(log_path, "wb") as log:
+            process = dev.launch(log)
+    except BaseException:
+        print(f"--- dev server log ---\n{log_path.read_text(errors='replace')[-6000:]}")
+        dev.runtime.stop()
+        raise
+    server = Server("dev", ports, run_dir, dev.store, process, dev.runtime, log_path)
+    yield server
+    server.stop()
+
+
+@pytest.mark.parametrize(
+    "which", ["local_server", "sagemaker_server", "guarded", "emulator", "dev_server"]
+)
 def test_every_live_socket_of_the_frontend_and_its_workers_is_loopback(
     which: str, request: pytest.FixtureRequest, figures
 ):
@@ -383,10 +436,12 @@ def management_api(server: Server) -> str:
     return server.url if server.profile == "sagemaker" else server.management_url
 
 
-def register(server: Server, url: str, name: str, token: str | None = None) -> requests.Response:
+def register(
+    server: Server, url: str, name: str, token: str | None = None, **params: str | int
+) -> requests.Response:
     return requests.post(
         f"{management_api(server)}/models",
-        params={"url": url, "model_name": name},
+        params={"url": url, "model_name": name, **params},
         headers=bearer(token),
         timeout=120,
     )
@@ -480,24 +535,134 @@ def test_sagemaker_profile_refuses_percent_encoded_traversal(
     assert_encoded_traversal_refused(sagemaker_server, target, figures)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="TorchServe 0.12 applies allowed_urls to URLs only: a plain path is registered from "
-    "anywhere (SageMaker itself registers /opt/ml/models/<hash>/model this way), and the "
-    "sagemaker profile has no token, so any local process can make it load a handler from any "
-    "folder. No config closes this; only the loopback bind and SageMaker's network do.",
-)
-def test_a_plain_path_outside_the_store_is_refused(
+# -- who may register: a plain path ----------------------------------------------------------
+# TorchServe 0.12 applies allowed_urls to URLs only: a plain path is registered from anywhere
+# (SageMaker itself registers /opt/ml/models/<hash>/model this way), so whoever may call the
+# model API can make TorchServe load a handler from any folder. No config refuses it; what
+# decides is who may call.
+
+
+def test_sagemakers_own_mode_takes_a_plain_path_from_whoever_reaches_it(
     sagemaker_server: Server, served_store: Path, tmp_path: Path, figures
 ):
+    """The container's SageMaker mode cannot have a key: SageMaker's agent registers models
+    without one, on the one port (8080) it also invokes them on. In the container only that
+    agent reaches the port, so the platform's network is the boundary (configs/
+    sagemaker.properties), as for every SageMaker container. This pins the fact the emulator's
+    key (below) rests on: should TorchServe start refusing, that key could be revisited."""
     outside = extract_like_sagemaker(served_store / "sam.tar.gz", tmp_path, "outside")
     try:
-        reply = register(sagemaker_server, str(outside), "hardening-outside")
+        reply = register(sagemaker_server, str(outside), "hardening-outside", initial_workers=0)
         figures.add(inputs_tried=1, requests_sent=1, server_errors=reply.status_code >= 500)
-        assert 400 <= reply.status_code < 500, reply.text
+        assert reply.status_code == 200, reply.text
     finally:
         if "hardening-outside" in registered(sagemaker_server):
             unregister(sagemaker_server, "hardening-outside")
+
+
+def test_every_profile_with_the_model_api_on_has_a_key_but_sagemakers_own():
+    """The key is what guards gRPC's management API too: TorchServe 0.12 starts it whatever the
+    config and binds it to TCP only (no Unix socket), and its interceptor checks the same keys.
+    A key needs the two REST APIs on separate ports (see the module's docstring)."""
+    for profile, config in rendered_profiles().items():
+        if config["enable_model_api"] != "true" or profile == "sagemaker":
+            continue
+        assert config.get("disable_token_authorization", "false") == "false", profile
+        assert config["management_address"] != config["inference_address"], profile
+
+
+@pytest.mark.parametrize("which", ["emulator", "dev_server"])
+def test_no_other_local_client_registers_a_plain_path_outside_the_store(
+    which: str, request: pytest.FixtureRequest, served_store: Path, tmp_path: Path, figures
+):
+    server: Server = request.getfixturevalue(which)
+    keys = key_file(server)
+    management, inference, api_key = (keys[n]["key"] for n in ("management", "inference", "API"))
+    outside = extract_like_sagemaker(served_store / "sam.tar.gz", tmp_path, "outside")
+    attempts = [
+        (server.management_url, None),
+        (server.management_url, "not-the-key"),
+        (server.management_url, inference),  # crossed keys
+        (server.management_url, api_key),
+        (server.url, None),  # the inference port, which has no model API
+        (server.url, inference),
+        (server.url, management),
+    ]
+    statuses = []
+    for number, (url, key) in enumerate(attempts):
+        reply = requests.post(
+            f"{url}/models",
+            params={"url": str(outside), "model_name": f"hardening-outside-{number}"},
+            headers=bearer(key),
+            timeout=120,
+        )
+        statuses.append(reply.status_code)
+        assert 400 <= reply.status_code < 500, (url, number, reply.text)
+    assert not {n for n in registered(server, management) if n.startswith("hardening-outside")}
+    # the control: with the key the same request is taken, so nothing but the key refused it
+    control = register(server, str(outside), "hardening-keyed", management, initial_workers=0)
+    try:
+        assert control.status_code == 200, control.text
+    finally:
+        unregister(server, "hardening-keyed", management)
+    figures.add(
+        inputs_tried=len(attempts),
+        requests_sent=len(attempts) + 3,
+        server_errors=sum(status >= 500 for status in statuses),
+    )
+
+
+# Run as another local user: read the key file, list the run folder, register without a key.
+AS_ANOTHER_USER = r"""
+import json, os, sys, urllib.error, urllib.parse, urllib.request
+run_dir, management_url, outside = sys.argv[1:4]
+seen = {}
+for what, attempt in (
+    ("key_file", lambda: open(os.path.join(run_dir, "key_file.json")).read()),
+    ("run_dir", lambda: os.listdir(run_dir)),
+):
+    try:
+        attempt()
+        seen[what] = "read"
+    except OSError as error:
+        seen[what] = type(error).__name__
+query = urllib.parse.urlencode({"url": outside, "model_name": "hardening-other-user"})
+request = urllib.request.Request(f"{management_url}/models?{query}", method="POST")
+try:
+    seen["register"] = urllib.request.urlopen(request, timeout=60).status
+except urllib.error.HTTPError as error:
+    seen["register"] = error.code
+print(json.dumps(seen))
+"""
+
+
+@pytest.mark.parametrize("which", ["emulator", "dev_server"])
+def test_another_user_can_neither_read_the_key_nor_register(
+    which: str, request: pytest.FixtureRequest, served_store: Path, tmp_path: Path, figures
+):
+    server: Server = request.getfixturevalue(which)
+    # TorchServe narrows key_file.json to 0600 only after writing it: the folder closes the gap
+    assert stat.S_IMODE(server.run_dir.stat().st_mode) == 0o700
+    assert stat.S_IMODE((server.run_dir / "key_file.json").stat().st_mode) == 0o600
+    if os.geteuid() != 0:
+        pytest.skip("acting as another user needs root")
+    other = pwd.getpwnam("nobody")
+    python = shutil.which("python3", path=os.defpath)  # the system's: the venv's may be private
+    if python is None:
+        pytest.skip(f"no python3 on {os.defpath} for another user to run")
+    outside = extract_like_sagemaker(served_store / "sam.tar.gz", tmp_path, "outside")
+    result = subprocess.run(
+        [python, "-I", "-c", AS_ANOTHER_USER, str(server.run_dir), server.management_url,
+         str(outside)],
+        user=other.pw_uid, group=other.pw_gid, extra_groups=[], cwd="/",
+        capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    figures.add(inputs_tried=3, requests_sent=1)
+    assert result.returncode == 0, result.stderr
+    seen = json.loads(result.stdout)
+    assert seen == {"key_file": "PermissionError", "run_dir": "PermissionError", "register": 400}
+    keys = key_file(server)
+    assert "hardening-other-user" not in registered(server, keys["management"]["key"])
 
 
 # -- tokens ----------------------------------------------------------------------------------

@@ -1,8 +1,11 @@
-"""The local multi-model endpoint, driven by an unmodified boto3 sagemaker-runtime client."""
+"""The local multi-model endpoint, driven by an unmodified boto3 sagemaker-runtime client, in
+front of TorchServe as `make serve-mme` runs it (the `mme` profile: a key on every API)."""
 
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import tarfile
 import threading
 import time
@@ -11,15 +14,18 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import boto3
+import psutil
 import pytest
 import requests
 import uvicorn
 from botocore.config import Config
-from botocore.exceptions import ClientError
+from botocore.exceptions import BotoCoreError, ClientError
 
+from scripts import PROJECT_ROOT
 from scripts.examples import requests as example_requests
 from scripts.mme import (
     MAX_BODY_BYTES,
+    Backend,
     Endpoint,
     LocalSource,
     Reply,
@@ -28,12 +34,25 @@ from scripts.mme import (
     create_app,
     make_s3_client,
     model_name,
+    start_torchserve,
 )
 from scripts.serve import free_ports
-from tests.servers import Server
+from tests.servers import READY_TIMEOUT_S, Server
 
 ENDPOINT = "mmekit-test"
 MODELS = ("sam.tar.gz", "lama.tar.gz", "sd.tar.gz")
+
+
+def runtime_client(url: str):
+    """The unmodified boto3 sagemaker-runtime client, pointed at the emulator, no retries."""
+    return boto3.client(
+        "sagemaker-runtime",
+        endpoint_url=url,
+        region_name="us-east-1",
+        aws_access_key_id="testing",
+        aws_secret_access_key="testing",
+        config=Config(retries={"total_max_attempts": 1}, read_timeout=300),
+    )
 
 
 @dataclass
@@ -42,14 +61,7 @@ class Emulator:
     url: str
 
     def client(self):
-        return boto3.client(
-            "sagemaker-runtime",
-            endpoint_url=self.url,
-            region_name="us-east-1",
-            aws_access_key_id="testing",
-            aws_secret_access_key="testing",
-            config=Config(retries={"total_max_attempts": 1}, read_timeout=300),
-        )
+        return runtime_client(self.url)
 
     def invoke(self, target: str, body: dict | bytes, endpoint: str = ENDPOINT) -> dict:
         data = body if isinstance(body, bytes) else json.dumps(body).encode()
@@ -90,21 +102,38 @@ def serve_endpoint(endpoint: Endpoint) -> Iterator[Emulator]:
         endpoint.close()
 
 
-def make_endpoint(server: Server, source, downloads: Path) -> Endpoint:
+@pytest.fixture(scope="module")
+def backend(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Backend]:
+    """The TorchServe behind the emulator, started as `make serve-mme` starts it (keyed)."""
+    root = tmp_path_factory.mktemp("mme-root")
+    log_path = root / "torchserve.log"
+    with open(log_path, "wb") as log:
+        started = start_torchserve(root, log)
+    try:
+        started.wait_until_accepting(READY_TIMEOUT_S)
+        yield started
+    except BaseException:
+        print(f"--- emulator's TorchServe log ---\n{log_path.read_text(errors='replace')[-6000:]}")
+        raise
+    finally:
+        started.stop()
+
+
+def make_endpoint(backend: Backend, source, downloads: Path) -> Endpoint:
     return Endpoint(
         name=ENDPOINT,
         source=source,
-        models_dir=server.store,  # SageMaker's /opt/ml/models is TorchServe's model store
+        models_dir=backend.models_dir,  # SageMaker's /opt/ml/models is TorchServe's model store
         downloads_dir=downloads,
-        torchserve=TorchServeClient(server.url),
+        torchserve=backend.client,
         not_ready_after_s=120,
     )
 
 
 @pytest.fixture(scope="module")
-def mme(sagemaker_server: Server, served_store: Path, tmp_path_factory) -> Iterator[Emulator]:
+def mme(backend: Backend, served_store: Path, tmp_path_factory) -> Iterator[Emulator]:
     endpoint = make_endpoint(
-        sagemaker_server, LocalSource(served_store), tmp_path_factory.mktemp("mme-downloads")
+        backend, LocalSource(served_store), tmp_path_factory.mktemp("mme-downloads")
     )
     yield from serve_endpoint(endpoint)
 
@@ -178,12 +207,8 @@ def test_a_model_already_registered_in_torchserve_is_used_409_and_all(
     folder.mkdir(parents=True, exist_ok=True)
     with tarfile.open(served_store / "sam.tar.gz") as archive:
         archive.extractall(folder, filter="data")
-    direct = requests.post(
-        f"{fresh.endpoint.torchserve.url}/models",
-        json={"model_name": name, "url": str(folder)},
-        timeout=120,
-    )
-    assert direct.status_code in (200, 202)
+    direct = fresh.endpoint.torchserve.register(name, folder)  # behind the endpoint's back
+    assert direct.status in (200, 202), direct.text
     assert "generated_image" in fresh.invoke("sam.tar.gz", requests_by_target()["sam.tar.gz"])
 
 
@@ -304,11 +329,176 @@ def test_unknown_targets_and_endpoints_are_validation_errors(fresh, target, endp
     assert words in response["Error"]["Message"]
 
 
+# -- starting up: /ping means ready ----------------------------------------------------------
+
+
+@pytest.fixture
+def starting(served_store: Path, tmp_path: Path) -> Iterator[Emulator]:
+    """An emulator whose TorchServe never comes up: nothing listens on its port."""
+    (closed,) = free_ports(1)
+    endpoint = Endpoint(
+        name=ENDPOINT,
+        source=LocalSource(served_store),
+        models_dir=tmp_path / "models",
+        downloads_dir=tmp_path / "downloads",
+        torchserve=TorchServeClient(f"http://127.0.0.1:{closed}"),
+        not_ready_after_s=0.5,
+    )
+    yield from serve_endpoint(endpoint)
+
+
+def test_ping_is_503_and_invocations_retryable_until_torchserve_accepts_calls(
+    starting: Emulator,
+):
+    ping = requests.get(f"{starting.url}/ping", timeout=10)
+    assert ping.status_code == 503
+    assert "TorchServe" in ping.json()["message"]
+    response = starting.error("sam.tar.gz", requests_by_target()["sam.tar.gz"])
+    assert response["Error"]["Code"] == "ModelNotReadyException"  # retryable, not a 500
+    assert response["ResponseMetadata"]["HTTPStatusCode"] == 429
+    assert "still starting" in response["Error"]["Message"]
+    assert starting.endpoint.loading == {}  # no load was started against a closed port
+    assert list(starting.endpoint.downloads_dir.iterdir()) == []
+
+
+def test_ping_is_200_once_torchserve_accepts_calls(mme: Emulator):
+    ping = requests.get(f"{mme.url}/ping", timeout=10)
+    assert ping.status_code == 200
+    assert ping.json() == {"status": "Healthy"}
+
+
+def outcome_of_invoking(client, body: bytes) -> str:
+    """What a boto3 user sees: "ok", "unreachable" (nothing listens yet) or the error's code,
+    status and original status."""
+    try:
+        reply = client.invoke_endpoint(
+            EndpointName=ENDPOINT, TargetModel="sam.tar.gz", ContentType="application/json",
+            Body=body,
+        )  # fmt: skip
+        return "ok" if "generated_image" in json.loads(reply["Body"].read()) else "no image"
+    except ClientError as error:
+        response = error.response
+        return (
+            f"{response['Error']['Code']} {response['ResponseMetadata']['HTTPStatusCode']} "
+            f"{response.get('OriginalStatusCode', '-')}: {response['Error']['Message'][:200]}"
+        )
+    except BotoCoreError as error:  # connection refused: the emulator is not listening yet
+        return "unreachable" if "connect" in str(error).lower() else f"{error!r}"
+
+
+def stop_process_tree(process: subprocess.Popen) -> None:
+    """SIGTERM (the emulator stops its TorchServe), bounded; whatever is left is killed."""
+    try:
+        tree = psutil.Process(process.pid).children(recursive=True)
+    except psutil.Error:
+        tree = []
+    process.terminate()
+    try:
+        process.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait(timeout=10)
+    _, alive = psutil.wait_procs(tree, timeout=30)
+    for straggler in alive:
+        straggler.kill()
+
+
+def test_make_serve_mme_never_answers_an_early_invocation_with_a_500(
+    served_store: Path, tmp_path: Path
+):
+    """`make serve-mme` as a user starts it, invoked with boto3 in a tight loop from the start
+    while /ping is polled: before /ping says 200 an invocation may not connect, may wait, or
+    may be told to retry (429); never a 500. Once /ping has said 200, every one is served."""
+    (port,) = free_ports(1)
+    url = f"http://127.0.0.1:{port}"
+    log_path = tmp_path / "mme.log"
+    command = [
+        sys.executable, "-m", "scripts.mme", "--source", str(served_store), "--port", str(port),
+        "--root", str(tmp_path / "mme"), "--endpoint-name", ENDPOINT,
+    ]  # fmt: skip
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen(command, cwd=PROJECT_ROOT, stdout=log, stderr=subprocess.STDOUT)
+    ping_ok, stop = threading.Event(), threading.Event()
+    pings: list[int | str] = []
+
+    def poll_ping() -> None:
+        session = requests.Session()
+        for _ in range(20_000):  # bounded; ends at the first 200 or when the test ends
+            if stop.is_set():
+                return
+            try:
+                pings.append(session.get(f"{url}/ping", timeout=10).status_code)
+            except requests.RequestException:
+                pings.append("unreachable")
+            if pings[-1] == 200:
+                ping_ok.set()
+                return
+            time.sleep(0.05)
+
+    poller = threading.Thread(target=poll_ping, daemon=True)
+    poller.start()
+    body = json.dumps(requests_by_target()["sam.tar.gz"]).encode()
+    client = runtime_client(url)
+    before: list[str] = []  # outcomes of invocations sent before /ping said 200
+    after: list[str] = []  # and after
+    try:
+        deadline = time.monotonic() + 300
+        while len(after) < 3:
+            assert time.monotonic() < deadline, f"not ready in time: pings {pings[-5:]}"
+            assert process.poll() is None, "the emulator exited: " + log_path.read_text()[-3000:]
+            ready = ping_ok.is_set()  # read before sending: this invocation is "after"
+            outcome = outcome_of_invoking(client, body)
+            (after if ready else before).append(outcome)
+            if outcome == "unreachable":
+                time.sleep(0.05)  # tight, not spinning on a port nobody holds yet
+    finally:
+        stop.set()
+        poller.join(timeout=30)
+        stop_process_tree(process)
+    print(f"pings: {pings[:3]}...{pings[-3:]} ({len(pings)}); before /ping 200: {before[-5:]}")
+    early = [o for o in before if o not in ("ok", "unreachable") and "429" not in o]
+    assert early == [], f"an early invocation got neither an answer nor a retry: {early}"
+    assert not any(" 500" in outcome for outcome in before + after)
+    assert after == ["ok"] * len(after), after
+
+
+# -- who may call: loopback names only -------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "host", ["attacker.example", "attacker.example:{port}", "127.0.0.1.nip.io:{port}", "[::1]"]
+)
+def test_foreign_host_names_are_refused_with_json(starting: Emulator, host: str):
+    # a page that rebinds its own name to 127.0.0.1 must not reach the models (nor /ping)
+    port = starting.url.rsplit(":", 1)[1]
+    headers = {"Host": host.format(port=port), "Content-Type": "application/json"}
+    for method, path in (("POST", f"/endpoints/{ENDPOINT}/invocations"), ("GET", "/ping")):
+        reply = requests.request(
+            method,
+            f"{starting.url}{path}",
+            data=b"{}",
+            headers={**headers, "X-Amzn-SageMaker-Target-Model": "sam.tar.gz"},
+            timeout=10,
+        )
+        assert reply.status_code == 400, (method, path, reply.text)
+        assert reply.json()["error"] == "bad_host"
+        assert host.format(port=port) in reply.json()["message"]
+    assert sample(starting, "ModelCacheHit_count") == 0  # nothing reached the endpoint
+
+
+def test_localhost_is_this_servers_name_too(starting: Emulator):
+    port = starting.url.rsplit(":", 1)[1]
+    reply = requests.get(
+        f"{starting.url}/metrics", headers={"Host": f"localhost:{port}"}, timeout=10
+    )
+    assert reply.status_code == 200
+
+
 # -- sources and layouts ---------------------------------------------------------------------
 
 
 def test_a_flat_tarball_loads_like_one_with_a_root_folder(
-    sagemaker_server: Server, served_store: Path, tmp_path: Path
+    backend: Backend, served_store: Path, tmp_path: Path
 ):
     flat = tmp_path / "flat"
     unpacked = tmp_path / "unpacked"
@@ -318,7 +508,7 @@ def test_a_flat_tarball_loads_like_one_with_a_root_folder(
     with tarfile.open(flat / "lama.tar.gz", "w:gz") as archive:  # the blog's `tar czf . `
         for path in sorted((unpacked / "lama").iterdir()):
             archive.add(path, arcname=path.name)
-    endpoint = make_endpoint(sagemaker_server, LocalSource(flat), tmp_path / "downloads")
+    endpoint = make_endpoint(backend, LocalSource(flat), tmp_path / "downloads")
     for emulator in serve_endpoint(endpoint):
         assert "generated_image" in emulator.invoke(
             "lama.tar.gz", requests_by_target()["lama.tar.gz"]
@@ -326,7 +516,7 @@ def test_a_flat_tarball_loads_like_one_with_a_root_folder(
 
 
 def test_an_s3_prefix_is_a_model_source(
-    sagemaker_server: Server, served_store: Path, tmp_path, monkeypatch
+    backend: Backend, served_store: Path, tmp_path, monkeypatch
 ):
     from moto.server import ThreadedMotoServer
 
@@ -342,7 +532,7 @@ def test_an_s3_prefix_is_a_model_source(
         s3.create_bucket(Bucket="mmekit-models")
         s3.upload_file(str(served_store / "sam.tar.gz"), "mmekit-models", "prefix/sam.tar.gz")
         source = S3Source("s3://mmekit-models/prefix", lambda: make_s3_client(s3_url))
-        endpoint = make_endpoint(sagemaker_server, source, tmp_path / "downloads")
+        endpoint = make_endpoint(backend, source, tmp_path / "downloads")
         for emulator in serve_endpoint(endpoint):
             reply = emulator.invoke("sam.tar.gz", requests_by_target()["sam.tar.gz"])
             assert "generated_image" in reply

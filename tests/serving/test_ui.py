@@ -233,10 +233,61 @@ def test_an_unexpected_failure_is_json_not_a_traceback(fake: FakeTarget):
     assert reply.json()["error"] == "internal"
 
 
-def test_other_host_names_are_refused(fake: FakeTarget):
+@pytest.mark.parametrize(
+    "host", ["attacker.example", "attacker.example:8095", "127.0.0.1.nip.io:8095", "[::1]:8095"]
+)
+def test_other_host_names_are_refused_with_json(fake: FakeTarget, host: str):
     # a page on another site that rebinds its name to 127.0.0.1 must not reach the API
-    api = TestClient(ui.create_app(fake), base_url="http://attacker.example")
-    assert api.get("/api/samples").status_code == 400
+    api = TestClient(ui.create_app(fake), base_url=LOOPBACK)
+    for method, path in (("GET", "/api/samples"), ("GET", "/"), ("POST", "/api/segment")):
+        reply = api.request(method, path, json=POINT, headers={"Host": host})
+        assert reply.status_code == 400, (method, path)
+        assert reply.json()["error"] == "bad_host"
+        assert host in reply.json()["message"]
+    assert fake.calls == []
+
+
+def test_the_loopback_names_are_answered_on_any_port(api: TestClient):
+    for host in ("127.0.0.1:8095", "localhost:8095", "LOCALHOST:9999"):
+        assert api.get("/api/samples", headers={"Host": host}).status_code == 200, host
+
+
+FOREIGN_ORIGINS = {
+    "another site": {"Origin": "https://attacker.example"},
+    "another local port": {"Origin": "http://127.0.0.1:3000"},
+    "an opaque origin": {"Origin": "null"},  # a sandboxed frame, a file:// page
+    "https on our port": {"Origin": "https://127.0.0.1:8095"},
+    "cross-site fetch": {"Origin": "http://127.0.0.1:8095", "Sec-Fetch-Site": "cross-site"},
+    "same-site fetch": {"Sec-Fetch-Site": "same-site"},  # another port of this machine
+}
+
+
+@pytest.mark.parametrize("headers", FOREIGN_ORIGINS.values(), ids=FOREIGN_ORIGINS.keys())
+def test_edits_from_another_origin_are_a_403(fake: FakeTarget, headers: dict):
+    api = TestClient(ui.create_app(fake), base_url="http://127.0.0.1:8095")
+    body = {"image": b64(png_bytes(gradient())), "points": [[3, 3]]}
+    reply = api.post("/api/segment", json=body, headers=headers)
+    assert reply.status_code == 403
+    assert reply.json()["error"] == "cross_origin"
+    assert reply.json()["message"]
+    assert fake.calls == []  # the target was not spent
+    # a read goes through: the browser's CORS keeps its answer from the other page
+    assert api.get("/api/samples", headers=headers).status_code == 200
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        {},  # curl, the CLI: no Origin
+        {"Origin": "http://127.0.0.1:8095", "Sec-Fetch-Site": "same-origin"},  # the page
+        {"Origin": "http://localhost:8095", "Host": "localhost:8095"},
+    ],
+)
+def test_edits_from_the_editors_own_page_or_no_page_go_through(fake: FakeTarget, headers):
+    api = TestClient(ui.create_app(fake), base_url="http://127.0.0.1:8095")
+    body = {"image": b64(png_bytes(gradient())), "points": [[3, 3]]}
+    reply = api.post("/api/segment", json=body, headers=headers)
+    assert reply.status_code == 200, reply.text
 
 
 # -- the real local TorchServe ---------------------------------------------------------------
