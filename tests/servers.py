@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -79,9 +79,18 @@ class Server:
         shut_down(self.runtime, self.process)
 
 
-def start_server(run_dir: Path, store: Path, profile: str, models: list[str]) -> Server:
+def start_server(
+    run_dir: Path,
+    store: Path,
+    profile: str,
+    models: list[str],
+    extra_properties: Mapping[str, str | int] | None = None,
+) -> Server:
+    """`extra_properties`: TorchServe settings beside the profile's (a test's own variant)."""
     log_path = run_dir / "server.log"
-    runtime, process, ports = launch_native(run_dir, store, profile, models, log_path)
+    runtime, process, ports = launch_native(
+        run_dir, store, profile, models, log_path, extra_properties
+    )
     server = Server(profile, ports, run_dir, store, process, runtime, log_path)
     try:
         if profile == "local":

@@ -26,10 +26,8 @@ import psutil
 import pytest
 import requests
 
-import tests.servers
 from scripts.examples import ball_mask, encode, scene
 from scripts.examples import requests as example_requests
-from scripts.serve import render_profile
 from tests.servers import Server, start_server
 
 CONCURRENCY = 16
@@ -139,13 +137,13 @@ def test_mixed_load_at_concurrency_16_loses_nothing_and_has_no_5xx(
 def small_queue_server(served_store: Path, tmp_path_factory) -> Iterator[Server]:
     """SD alone, behind a job queue of JOB_QUEUE_SIZE (TorchServe's job_queue_size is per
     model), with the `local` profile otherwise unchanged."""
-
-    def profile_with_small_queue(*args, **kwargs) -> str:
-        return render_profile(*args, **kwargs) + f"job_queue_size={JOB_QUEUE_SIZE}\n"
-
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(tests.servers, "render_profile", profile_with_small_queue)
-        server = start_server(tmp_path_factory.mktemp("queue-run"), served_store, "local", ["sd"])
+    server = start_server(
+        tmp_path_factory.mktemp("queue-run"),
+        served_store,
+        "local",
+        ["sd"],
+        extra_properties={"job_queue_size": JOB_QUEUE_SIZE},
+    )
     try:
         assert (
             f"job_queue_size={JOB_QUEUE_SIZE}" in (server.run_dir / "config.properties").read_text()
