@@ -40,7 +40,7 @@ import requests
 from scripts import PROJECT_ROOT
 from scripts.archive import DEFAULT_STORE, archive_models
 from scripts.examples import write_requests
-from scripts.weights import DEFAULT_ROOT, MODELS
+from scripts.weights import DEFAULT_ROOT, MODELS, WeightsChangedError
 
 RUN_DIR = PROJECT_ROOT / ".mmekit"  # TorchServe's working folder: key_file.json, logs/, pid
 COMPOSE_FILE = PROJECT_ROOT / "compose.yaml"
@@ -441,7 +441,10 @@ def active_runtime(run_dir: Path, store: Path = DEFAULT_STORE) -> NativeRuntime 
 
 
 def prepare_archives(tier: str, weights_root: Path, store: Path) -> dict[str, dict]:
-    entries = archive_models(MODELS, tier, store, weights_root)
+    try:
+        entries = archive_models(MODELS, tier, store, weights_root)
+    except WeightsChangedError as error:  # a changed full-tier file: one line, not a traceback
+        raise ServeError(str(error)) from error
     if any(entry["tier"] in ("tiny", "synthetic") for entry in entries.values()):
         print(tiny_banner(entries), flush=True)
     return entries

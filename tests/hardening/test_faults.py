@@ -14,8 +14,11 @@ In the figures, `lost` counts requests that got neither an answer nor a connecti
 their bound (hangs); the 5xx the faults cause on purpose are counted as server errors.
 
 By default one worker is killed each way (SAM idle, LaMa serving); --hardening-full kills every
-model's both ways. SD is left to the full run: its restart (1 s retry delay, worker start,
-pipeline load, then the request) takes 6.5-10.7 s on a shared 2-core CPU, at the issue's bound.
+model's both ways. SD is left to the full run: on an idle 2-core CPU its restart takes about 6 s
+(TorchServe's fixed 1 s retry delay; 1.2 s for the new worker to import torch; 3.3 s to
+initialise, nearly all of it importing diffusers and transformers, whose own imports pull in
+torch._dynamo, scipy and torchvision; 0.3 s for the request), but when other work shares the
+cores it takes 7-14 s, often past the issue's bound. SAM and LaMa come back in 2.5-4 s.
 """
 
 from __future__ import annotations
