@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import dataclasses
 import io
 import json
 import logging
@@ -24,7 +25,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from http import HTTPStatus
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar, get_type_hints
 
 import numpy as np
 import torch
@@ -35,12 +36,19 @@ logger = logging.getLogger(__name__)
 # Formats a client may send; everything else (TIFF, BMP, PSD, ...) is refused before decoding.
 ALLOWED_IMAGE_FORMATS = ("PNG", "JPEG", "WEBP")
 RESPONSE_FORMATS = {"png": "PNG", "jpeg": "JPEG", "jpg": "JPEG", "webp": "WEBP"}
-DEFAULT_MAX_IMAGE_PIXELS = 4096 * 4096
+# A 24 MP camera photo (6000x4000, 6048x4024) with room; checked on the header before decoding.
+DEFAULT_MAX_IMAGE_PIXELS = 6144 * 4096
 # Wider than this, models that resize the longest side (SAM to 1024 px) lose the short side.
 DEFAULT_MAX_ASPECT_RATIO = 20.0
 # SageMaker's InvokeEndpoint response limit (and TorchServe's max_response_size in our
 # profiles), less room for TorchServe's framing; a larger response would crash the worker.
 DEFAULT_MAX_RESPONSE_BYTES = 6_291_456 - 1024
+# Room in the response for the fields beside the image ("format", "seed", keys, quotes).
+RESPONSE_FIELDS_RESERVE = 256
+# A JPEG that does not fit at the first quality is tried at the next: high quality first; the
+# step-down stops at 50, below which block artefacts show on photos.
+JPEG_QUALITIES = (95, 90, 85, 80, 70, 60, 50)
+LOSSLESS_FORMATS = ("PNG", "WEBP")
 _DATA_URI = re.compile(r"^data:[\w.+/-]*(;[\w.+=-]+)*;base64,", re.IGNORECASE)
 _WHITESPACE = re.compile(r"\s+")
 
@@ -192,8 +200,11 @@ def read_text(options: Mapping, name: str, max_chars: int, required: bool = Fals
     return value
 
 
-def read_response_format(options: Mapping) -> str:
-    value = options.get("format", "png")
+def read_response_format(options: Mapping) -> str | None:
+    """The Pillow format asked for, or None: then the input's own format (see fit_image)."""
+    value = options.get("format")
+    if value is None:
+        return None
     if not isinstance(value, str) or value.lower() not in RESPONSE_FORMATS:
         raise RequestError("invalid_field", "'format' must be one of: png, jpeg, webp")
     return RESPONSE_FORMATS[value.lower()]
@@ -253,6 +264,14 @@ def decode_image(
     The limits are checked on the header, before any pixel is decoded, so a tiny file that
     claims a huge size costs nothing.
     """
+    return decode_image_and_format(data, field, limits, mode)[0]
+
+
+def decode_image_and_format(
+    data: bytes, field: str, limits: ImageLimits = ImageLimits(), mode: str = "RGB"
+) -> tuple[Image.Image, str]:
+    """decode_image, and the file's format ("PNG", "JPEG" or "WEBP"): the default response
+    format follows it."""
     try:
         image = Image.open(io.BytesIO(data), formats=ALLOWED_IMAGE_FORMATS)
     except Image.DecompressionBombError:
@@ -261,6 +280,7 @@ def decode_image(
         ) from None
     except (UnidentifiedImageError, OSError, ValueError):
         raise RequestError("invalid_image", f"'{field}' is not a PNG, JPEG or WebP image") from None
+    file_format = str(image.format)
     width, height = image.size
     if width < 1 or height < 1 or width * height > limits.max_pixels:
         raise RequestError(
@@ -281,7 +301,7 @@ def decode_image(
             # 16-bit grayscale: scaled to 8 bits (Pillow's convert clips at 255)
             pixels = np.asarray(image).astype(np.uint32)
             image = Image.fromarray(((pixels * 255 + 32767) // 65535).astype(np.uint8))
-        return image.convert(mode)
+        return (image if image.mode == mode else image.convert(mode)), file_format
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
         raise RequestError(
             "invalid_image", f"'{field}' could not be decoded (truncated or corrupt image)"
@@ -332,19 +352,139 @@ def read_mask(
 
 def encode_image(image: Image.Image, image_format: str = "PNG", png_level: int = 6) -> str:
     """base64 of the image as PNG (zlib level `png_level`), JPEG or lossless WebP."""
-    buffer = io.BytesIO()
-    if image_format == "JPEG":
-        image.save(buffer, format="JPEG", quality=95)
-    elif image_format == "WEBP":
-        image.save(buffer, format="WEBP", lossless=True)  # keeps unmasked pixels exact
+    data = _encode_within(image, image_format, None, png_level=png_level)
+    assert data is not None  # no budget: always encoded
+    return base64.b64encode(data).decode("ascii")
+
+
+class _OverBudget(Exception):
+    """Raised from inside Pillow's encoder: the file passed its byte budget."""
+
+
+class _BudgetBuffer(io.BytesIO):
+    """A buffer that stops the encoder once its output passes `budget` bytes. Pillow writes PNG
+    and baseline JPEG in chunks, so a result that cannot fit costs a fraction of its encode
+    (a 12 MP photo's PNG: ~2 s up to the 4.7 MB that fits, not 7 s for all 13 MB)."""
+
+    def __init__(self, budget: int) -> None:
+        super().__init__()
+        self.budget = budget
+
+    def write(self, data: Any) -> int:
+        if self.tell() + len(data) > self.budget:
+            raise _OverBudget
+        return super().write(data)
+
+
+def _encode_within(
+    image: Image.Image, image_format: str, budget: int | None, quality: int = 95, png_level: int = 6
+) -> bytes | None:
+    """The encoded file, or None when it would pass `budget` bytes."""
+    buffer = io.BytesIO() if budget is None else _BudgetBuffer(budget)
+    try:
+        if image_format == "JPEG":
+            image.save(buffer, format="JPEG", quality=quality)
+        elif image_format == "WEBP":
+            image.save(buffer, format="WEBP", lossless=True)  # keeps unmasked pixels exact
+        else:
+            image.save(buffer, format=image_format, compress_level=png_level)
+    except _OverBudget:
+        return None
+    return buffer.getvalue()
+
+
+@dataclass(frozen=True)
+class EncodedImage:
+    """A result image as it goes into the response: base64, and which format it is."""
+
+    base64: str
+    image_format: str  # Pillow's name: PNG, JPEG, WEBP
+    quality: int | None = None  # JPEG only
+
+    @property
+    def format_name(self) -> str:
+        """The response's `format` field: the request's own spelling (png, jpeg, webp)."""
+        return self.image_format.lower()
+
+
+def base64_budget(response_bytes: int) -> int:
+    """The largest file whose base64 fits in `response_bytes` of JSON with the other fields."""
+    return max(0, (response_bytes - RESPONSE_FIELDS_RESERVE) // 4 * 3)
+
+
+def response_formats(requested: str | None, source_format: str) -> tuple[str, ...]:
+    """The formats to try, in order. Asked for: that one only. Not asked for: the input's own
+    (a JPEG gets a JPEG; PNG and WebP get their lossless selves), then a JPEG when the lossless
+    file would not fit SageMaker's response limit."""
+    if requested is not None:
+        return (requested,)
+    if source_format == "JPEG":
+        return ("JPEG",)
+    return ("WEBP" if source_format == "WEBP" else "PNG", "JPEG")
+
+
+def fit_image(
+    image: Image.Image, requested: str | None, source_format: str, response_bytes: int
+) -> EncodedImage:
+    """The image encoded in the first format (and, for JPEG, the highest quality) whose base64
+    fits `response_bytes`; a 400 response_too_large when none does."""
+    budget = base64_budget(response_bytes)
+    formats = response_formats(requested, source_format)
+    for image_format in formats:
+        qualities: tuple[int | None, ...] = JPEG_QUALITIES if image_format == "JPEG" else (None,)
+        for quality in qualities:
+            data = _encode_within(image, image_format, budget, quality=quality or 95)
+            if data is not None:
+                return EncodedImage(base64.b64encode(data).decode("ascii"), image_format, quality)
+    width, height = image.size
+    if requested in LOSSLESS_FORMATS:
+        advice = 'leave "format" out (a JPEG that fits is sent then) or send a smaller image'
     else:
-        image.save(buffer, format=image_format, compress_level=png_level)
-    return base64.b64encode(buffer.getvalue()).decode("ascii")
+        advice = f"even a JPEG at quality {JPEG_QUALITIES[-1]} is larger: send a smaller image"
+    raise RequestError(
+        "response_too_large",
+        f"the {width}x{height} result as {'/'.join(f.lower() for f in formats)} does not fit "
+        f"the response limit of {response_bytes} bytes (SageMaker's 6 MB): {advice}",
+    )
+
+
+# A JPEG spends at least 2 bits (a DC code and an end-of-block code) on each 8x8 luminance
+# block, whatever the picture and the quality: a floor on any result's size, from its size alone.
+MIN_JPEG_BITS_PER_BLOCK = 2
+
+
+def smallest_possible_response(width: int, height: int) -> int:
+    """A lower bound on the bytes of any response carrying a width x height image."""
+    blocks = -(-width // 8) * -(-height // 8)
+    jpeg_floor = blocks * MIN_JPEG_BITS_PER_BLOCK // 8
+    return -(-jpeg_floor // 3) * 4 + RESPONSE_FIELDS_RESERVE
+
+
+def refuse_unfittable(size: tuple[int, int], response_bytes: int) -> None:
+    """Before any model work: a result this large cannot fit in any format, so say so now
+    instead of after the model ran."""
+    width, height = size
+    floor = smallest_possible_response(width, height)
+    if floor > response_bytes:
+        raise RequestError(
+            "response_too_large",
+            f"a {width}x{height} result needs at least {floor} bytes in any format; the "
+            f"response limit is {response_bytes} (SageMaker's 6 MB): send a smaller image",
+        )
 
 
 def mask_to_image(mask: np.ndarray) -> Image.Image:
     """bool mask -> single-channel 0/255 image."""
     return Image.fromarray(mask.astype(np.uint8) * 255, mode="L")
+
+
+def mask_box(mask: np.ndarray) -> tuple[int, int, int, int] | None:
+    """(left, top, right, bottom) of the mask's set pixels, or None when there are none."""
+    rows = np.flatnonzero(mask.any(axis=1))
+    if rows.size == 0:
+        return None
+    cols = np.flatnonzero(mask[rows[0] : rows[-1] + 1].any(axis=0))
+    return int(cols[0]), int(rows[0]), int(cols[-1]) + 1, int(rows[-1]) + 1
 
 
 def dilate_mask(mask: np.ndarray, kernel_size: int) -> np.ndarray:
@@ -354,10 +494,21 @@ def dilate_mask(mask: np.ndarray, kernel_size: int) -> np.ndarray:
     (anchor at k // 2, so even sizes grow one pixel more to the left/top), without OpenCV.
     A pixel is set when its window holds any mask pixel: a box sum over a summed-area table,
     so the cost does not depend on the kernel size (a max-pool is O(k^2) per pixel: minutes
-    for 4096x4096 at k=255, past the response timeout).
+    for 4096x4096 at k=255, past the response timeout). Only the mask's box grown by k is
+    computed: nothing farther can change, and a small mask on a 24 MP photo stays cheap.
     """
-    if kernel_size <= 1 or not mask.any():
+    box = mask_box(mask) if kernel_size > 1 else None
+    if box is None:
         return mask
+    height, width = mask.shape
+    left, top = max(0, box[0] - kernel_size), max(0, box[1] - kernel_size)
+    right, bottom = min(width, box[2] + kernel_size), min(height, box[3] + kernel_size)
+    result = np.zeros_like(mask, dtype=bool)
+    result[top:bottom, left:right] = _dilate(mask[top:bottom, left:right], kernel_size)
+    return result
+
+
+def _dilate(mask: np.ndarray, kernel_size: int) -> np.ndarray:
     before = kernel_size // 2
     after = kernel_size - 1 - before
     padded = np.pad(mask, ((before, after), (before, after))).astype(np.int32)
@@ -374,15 +525,95 @@ class InpaintInputs:
 
     image: Image.Image  # RGB
     mask: np.ndarray  # H x W bool, True = replace these pixels
-    response_format: str  # Pillow format name
+    response_format: str | None  # Pillow format name; None: the input's own (fit_image)
+    source_format: str = "PNG"  # the input file's format
 
 
 def read_inpaint_inputs(payload: Mapping, limits: ImageLimits, max_dilate: int) -> InpaintInputs:
     """image + mask_image (same size, binarised > 0), optional dilate_kernel_size and format."""
-    image = read_image(payload, "image", limits)
+    data = decode_base64(require(payload, "image"), "image")
+    image, source_format = decode_image_and_format(data, "image", limits)
     mask = read_mask(payload, "mask_image", image.size, limits)
     kernel_size = read_int(payload, "dilate_kernel_size", 0, 0, max_dilate)
-    return InpaintInputs(image, dilate_mask(mask, kernel_size), read_response_format(payload))
+    return InpaintInputs(
+        image, dilate_mask(mask, kernel_size), read_response_format(payload), source_format
+    )
+
+
+Box = tuple[int, int, int, int]  # left, top, right, bottom: pixels [left, right) x [top, bottom)
+
+
+def context_windows(
+    mask: np.ndarray, context_ratio: float, min_context: int, max_windows: int
+) -> list[Box]:
+    """The regions around the mask that an inpainting model sees, as IOPaint's crop strategy
+    chooses them: one per connected part of the mask (8-connected), its box grown on each side
+    by max(min_context, context_ratio x the box's longer side) (IOPaint: a fixed 128 px), shifted
+    inward at the image's edges to keep that much context, and clipped to the image. Windows
+    that overlap are merged (each pixel is inpainted once); more than `max_windows` become one.
+    Sorted top-left first; none for an empty mask.
+    """
+    from scipy import ndimage
+
+    whole = mask_box(mask)
+    if whole is None:
+        return []
+    height, width = mask.shape
+    left, top, right, bottom = whole
+    labels, count = ndimage.label(mask[top:bottom, left:right], structure=np.ones((3, 3)))
+    # a speckled mask (thousands of dots) is one region: merging that many windows costs more
+    parts = ndimage.find_objects(labels) if count <= 8 * max_windows else []
+    parts = parts or [(slice(0, bottom - top), slice(0, right - left))]
+    windows = []
+    for rows, cols in parts:
+        x0, x1, y0, y1 = cols.start + left, cols.stop + left, rows.start + top, rows.stop + top
+        margin = max(min_context, math.ceil(context_ratio * max(x1 - x0, y1 - y0)))
+        horizontal = _grow(x0, x1, margin, width)
+        vertical = _grow(y0, y1, margin, height)
+        windows.append((horizontal[0], vertical[0], horizontal[1], vertical[1]))
+    windows = _merge_overlapping(windows)
+    if len(windows) > max_windows:
+        windows = [_union(windows)]
+    return sorted(windows, key=lambda box: (box[1], box[0]))
+
+
+def _grow(start: int, stop: int, margin: int, limit: int) -> tuple[int, int]:
+    """[start, stop) grown by margin each side; what falls off one edge goes to the other side
+    (more context near the border, as IOPaint does); clipped to [0, limit)."""
+    low, high = start - margin, stop + margin
+    if low < 0:
+        high -= low
+    if high > limit:
+        low -= high - limit
+    return max(low, 0), min(high, limit)
+
+
+def _union(boxes: list[Box]) -> Box:
+    return (
+        min(b[0] for b in boxes),
+        min(b[1] for b in boxes),
+        max(b[2] for b in boxes),
+        max(b[3] for b in boxes),
+    )
+
+
+def _merge_overlapping(boxes: list[Box]) -> list[Box]:
+    """Boxes merged (into their union box) until no two overlap; few boxes, so pairwise."""
+    merged = list(boxes)
+    changed = True
+    while changed:
+        changed = False
+        for i in range(len(merged)):
+            for j in range(i + 1, len(merged)):
+                a, b = merged[i], merged[j]
+                if a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]:
+                    merged[i] = _union([a, b])
+                    del merged[j]
+                    changed = True
+                    break
+            if changed:
+                break
+    return merged
 
 
 def composite(original: np.ndarray, generated: np.ndarray, mask: np.ndarray) -> np.ndarray:
@@ -436,6 +667,33 @@ class HandlerContext:
         if relative.is_absolute() or relative.parts[:1] == ("..",):
             raise ValueError(f"setting {name}={relative} must stay inside the model folder")
         return self.model_dir / relative
+
+
+SettingsT = TypeVar("SettingsT")
+
+
+def read_settings(cls: type[SettingsT], settings: Mapping) -> SettingsT:
+    """The `handler:` knobs that the dataclass `cls` names, type-checked: a mistyped knob stops
+    the model at load (naming it), not a request later. Absent knobs keep the class defaults;
+    knobs of other parts of the handler (limits, weights_dir) are left to them."""
+    hints = get_type_hints(cls)
+    values = {}
+    for field in dataclasses.fields(cls):  # type: ignore[arg-type]
+        if field.name not in settings:
+            continue
+        value, expected = settings[field.name], hints[field.name]
+        if expected is float and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if type(value) is not expected:  # exact: bool is not an int, and 1.5 is not one either
+            raise ValueError(
+                f"setting {field.name}={value!r} in model-config.yaml: expected {expected.__name__}"
+            )
+        values[field.name] = value
+    instance = cls(**values)
+    check = getattr(instance, "check", None)
+    if check is not None:
+        check()
+    return instance
 
 
 def select_device(gpu_id: Any) -> torch.device:
@@ -501,6 +759,18 @@ class EditHandler:
     def encode(self, result: Any) -> dict:
         raise NotImplementedError
 
+    # -- shared by the image-returning handlers ---------------------------------------------
+    def refuse_unfittable(self, size: tuple[int, int]) -> None:
+        """For validate: a result of this size cannot fit the response in any format."""
+        refuse_unfittable(size, self.max_response_bytes)
+
+    def fit_image(self, image: Image.Image, inputs: InpaintInputs) -> dict:
+        """The response's image fields: the image in a format that fits, and which one."""
+        encoded = fit_image(
+            image, inputs.response_format, inputs.source_format, self.max_response_bytes
+        )
+        return {"generated_image": encoded.base64, "format": encoded.format_name}
+
     # -- the loop ---------------------------------------------------------------------------
     def process(self, row: Any) -> str:
         """One request -> its JSON response text."""
@@ -513,8 +783,7 @@ class EditHandler:
             raise RequestError(
                 "response_too_large",
                 f"the response would be {len(response)} bytes; the limit is "
-                f'{self.max_response_bytes} (SageMaker\'s 6 MB): ask for "format": "jpeg" '
-                "or send a smaller image",
+                f"{self.max_response_bytes} (SageMaker's 6 MB): send a smaller image",
             )
         return response
 

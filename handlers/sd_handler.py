@@ -3,9 +3,12 @@
 Request  {"image": b64, "mask_image": b64, "prompt": "a red vase", "negative_prompt": "...",
           "gen_args": {"seed": 0-4294967295, "num_inference_steps": 1-100,
                        "guidance_scale": 0-30},   (object or JSON string, all optional)
-          "dilate_kernel_size": 0, "format": "png" | "jpeg" | "webp"}
-Response {"generated_image": b64, "seed": n} — the input size; pixels outside the mask are
-unchanged. Like the AWS sample, only a window around the mask goes through the model.
+          "dilate_kernel_size": 0, "format": "png" | "jpeg" | "webp"}   (format: the input's own
+          by default)
+Response {"generated_image": b64, "format": "png" | "jpeg" | "webp", "seed": n} — the input
+size; pixels outside the mask are unchanged. Only a window around the mask goes through the
+model: the mask's box plus a margin, at least window_size (512) px, scaled to 512 px on its
+longer side (the AWS sample crops exactly 512x512).
 """
 
 from __future__ import annotations
@@ -24,7 +27,6 @@ from mmekit_common import (
     InpaintInputs,
     RequestError,
     composite,
-    encode_image,
     read_float,
     read_inpaint_inputs,
     read_int,
@@ -52,7 +54,7 @@ class SdHandler(EditHandler):
     class Result:
         image: Image.Image
         seed: int
-        response_format: str
+        inputs: InpaintInputs
 
     def load(self, config: HandlerContext) -> None:
         self.device = config.device
@@ -94,7 +96,9 @@ class SdHandler(EditHandler):
 
     # -- validate ---------------------------------------------------------------------------
     def validate(self, request: SdHandler.Request) -> None:
-        """Prompts must fit CLIP's context: refused, never silently truncated."""
+        """A result that fits the response; prompts that fit CLIP's context (refused, never
+        silently truncated)."""
+        self.refuse_unfittable(request.inputs.image.size)
         tokenizer = self.pipeline.tokenizer
         limit = tokenizer.model_max_length
         for field, text in (
@@ -112,19 +116,21 @@ class SdHandler(EditHandler):
     # -- infer ------------------------------------------------------------------------------
     def infer(self, request: SdHandler.Request) -> SdHandler.Result:
         inputs = request.inputs
-        original = np.asarray(inputs.image)
         if not inputs.mask.any():  # nothing to replace
-            return self.Result(inputs.image, request.seed, inputs.response_format)
-        left, top, right, bottom = self.window_box(inputs.mask)
-        window = inputs.image.crop((left, top, right, bottom))
-        window_mask = Image.fromarray(inputs.mask[top:bottom, left:right].astype(np.uint8) * 255)
+            return self.Result(inputs.image, request.seed, inputs)
+        left, top, right, bottom = box = self.window_box(inputs.mask)
+        # only the window is converted and copied: a 24 MP photo is never a float array here
+        window = inputs.image.crop(box)
+        window_mask = inputs.mask[top:bottom, left:right]
         model_size = self.model_size(window.size)
         generator = torch.Generator(device=self.device).manual_seed(request.seed)
         generated = self.pipeline(
             prompt=request.prompt,
             negative_prompt=request.negative_prompt or None,
             image=window.resize(model_size, Image.Resampling.LANCZOS),
-            mask_image=window_mask.resize(model_size, Image.Resampling.NEAREST),
+            mask_image=Image.fromarray(window_mask.astype(np.uint8) * 255).resize(
+                model_size, Image.Resampling.NEAREST
+            ),
             height=model_size[1],
             width=model_size[0],
             num_inference_steps=request.num_inference_steps,
@@ -132,13 +138,9 @@ class SdHandler(EditHandler):
             generator=generator,
         ).images[0]
         generated = generated.convert("RGB").resize(window.size, Image.Resampling.LANCZOS)
-        result = original.copy()
-        result[top:bottom, left:right] = composite(
-            original[top:bottom, left:right],
-            np.asarray(generated),
-            inputs.mask[top:bottom, left:right],
-        )
-        return self.Result(Image.fromarray(result), request.seed, inputs.response_format)
+        pasted = composite(np.asarray(window), np.asarray(generated), window_mask)
+        inputs.image.paste(Image.fromarray(pasted), (left, top))  # in place: no full-size copy
+        return self.Result(inputs.image, request.seed, inputs)
 
     def window_box(self, mask: np.ndarray) -> tuple[int, int, int, int]:
         """The region around the mask that goes through the model: at least window_size wide
@@ -164,10 +166,7 @@ class SdHandler(EditHandler):
 
     # -- encode -----------------------------------------------------------------------------
     def encode(self, result: SdHandler.Result) -> dict:
-        return {
-            "generated_image": encode_image(result.image, result.response_format),
-            "seed": result.seed,
-        }
+        return {**self.fit_image(result.image, result.inputs), "seed": result.seed}
 
 
 def _place(start: int, stop: int, length: int, limit: int) -> int:

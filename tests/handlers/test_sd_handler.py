@@ -31,7 +31,8 @@ def pixels(reply) -> np.ndarray:
 
 def test_contract_keeps_size_and_every_pixel_outside_the_mask(sd):
     reply = sd.predict(request())
-    assert set(reply.json()) == {"generated_image", "seed"}
+    assert set(reply.json()) == {"generated_image", "format", "seed"}
+    assert reply.json()["format"] == "png"
     assert reply.json()["seed"] == 7
     result, original, inside = pixels(reply), np.asarray(IMAGE), np.asarray(MASK) > 0
     assert result.shape == original.shape
@@ -64,8 +65,10 @@ def test_gen_args_as_json_string_and_bytes_body_match_dict(sd):
 def test_negative_prompt_and_response_formats(sd):
     reply = sd.predict(request(negative_prompt="blurry", format="jpeg"))
     assert decode_image(reply.json()["generated_image"]).format == "JPEG"
+    assert reply.json()["format"] == "jpeg"
     reply = sd.predict(request(format="webp"))
     assert decode_image(reply.json()["generated_image"]).format == "WEBP"
+    assert reply.json()["format"] == "webp"
 
 
 def test_empty_mask_returns_the_image_untouched(sd):
