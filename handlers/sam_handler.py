@@ -5,6 +5,8 @@ Request  {"image": b64, "gen_args": {"point_coords": [x, y] | [[x, y], ...],
           "multimask": false}}   (gen_args may also be a JSON string, as the AWS sample sends)
 Response {"generated_image": b64 PNG (0/255, one channel, input size), "scores": [3 floats],
           "mask_index": k, "embedding_cache": "hit" | "miss", "masks": [3 x b64] if multimask}
+Without mask_index, the mask is the highest-scoring of the three, or `default_mask_index` in
+model-config.yaml (1 is the AWS sample's masks[1]).
 """
 
 from __future__ import annotations
@@ -74,6 +76,7 @@ class SamHandler(EditHandler):
         self.known_files = LruCache(4 * int(config.setting("embedding_cache_size", 8)))
         self.max_points = int(config.setting("max_points", 16))
         self.max_dilate_kernel_size = int(config.setting("max_dilate_kernel_size", 255))
+        self.default_mask_index = read_default_mask_index(config.setting("default_mask_index"))
 
     # -- decode -----------------------------------------------------------------------------
     def decode(self, payload: dict) -> SamHandler.Request:
@@ -141,7 +144,11 @@ class SamHandler(EditHandler):
             point_labels=request.point_labels,
             multimask_output=True,
         )
-        index = request.mask_index if request.mask_index is not None else int(np.argmax(scores))
+        index = request.mask_index
+        if index is None:
+            index = self.default_mask_index
+        if index is None:
+            index = int(np.argmax(scores))
         wanted = range(len(masks)) if request.multimask else [index]
         masks = masks.copy()
         for k in wanted:
@@ -190,6 +197,16 @@ class SamHandler(EditHandler):
                 encode_image(mask_to_image(mask), png_level=1) for mask in result.masks
             ]
         return response
+
+
+def read_default_mask_index(value: object) -> int | None:
+    """`default_mask_index`: best (or absent): the highest predicted IoU; 0-2: that mask always
+    (the AWS sample returns masks[1]). Anything else stops the model at load."""
+    if value is None or value == "best":
+        return None
+    if type(value) is int and 0 <= value <= 2:
+        return value
+    raise ValueError(f"setting default_mask_index={value!r}: use best, 0, 1 or 2")
 
 
 def _read_points(value: object, max_points: int) -> np.ndarray:

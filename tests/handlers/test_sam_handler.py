@@ -212,3 +212,18 @@ def test_in_a_batch_only_the_bad_request_fails(serve):
 def test_weights_come_from_the_tiny_tier(sam):
     assert sam.handler.weights_info["variant"] == "tiny"
     assert sam.handler.predictor.model.image_encoder.img_size == 128
+
+
+def test_the_aws_samples_masks_1_is_one_setting_away(serve):
+    like_the_sample = serve("sam", default_mask_index=1)
+    for point in ([40, 30], [120, 90], [80, 60]):
+        body = like_the_sample.predict(request(point_coords=point)).json()
+        assert body["mask_index"] == 1  # whatever the scores say
+    asked = like_the_sample.predict(request(mask_index=2)).json()
+    assert asked["mask_index"] == 2  # the request still decides when it says
+
+
+@pytest.mark.parametrize("value", ["1", 3, True, "first"])
+def test_a_wrong_default_mask_index_stops_the_model_at_load(serve, value):
+    with pytest.raises(Exception, match="default_mask_index"):
+        serve("sam", default_mask_index=value)
