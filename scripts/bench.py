@@ -10,6 +10,8 @@
 3. Cold load: extract + register + first inference through the MME emulator against a fresh
    process loading the same folder in-process, for each tarball compression level.
 4. Payload: base64 JSON against raw bytes, and the largest image that fits SageMaker's body.
+5. Photos: erase (LaMa) and replace (SD) a fixed-size object on 1 MP to 24 MP photos, in the
+   AWS sample's payload shape; time and peak memory of one request, each in a fresh process.
 
 Absolute times on a shared CPU are noise; the ratios, measured side by side in one run, are the
 result. With CUDA, absolute latencies of the full-size models are added. `--quick` is CI-sized
@@ -451,6 +453,87 @@ def bench_payload(sizes: list[int], repeats: int) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------
+# 5. Photos
+
+PHOTO_SIZES = {"1MP": (1152, 864), "3MP": (2048, 1536), "12MP": (4032, 3024), "24MP": (6000, 4000)}
+PHOTO_OBJECT = (600, 500)  # the object erased or replaced: the same size on every photo
+
+
+def photo_body(model: str, size: str) -> bytes:
+    from scripts.examples import photo_like, photo_request
+
+    width, height = PHOTO_SIZES[size]
+    left, top = width * 5 // 8, height // 2 - PHOTO_OBJECT[1] // 2
+    mask = Image.new("L", (width, height), 0)
+    mask.paste(255, (left, top, left + PHOTO_OBJECT[0], top + PHOTO_OBJECT[1]))
+    body = {**photo_request(photo_like(width, height), mask), "dilate_kernel_size": 15}
+    if model == "sd":
+        body.update(prompt="a red vase", gen_args=json.dumps({"seed": 1, "num_inference_steps": 2}))
+    return json.dumps(body).encode()
+
+
+def photo_child(model_dir: Path, body_file: Path, out_file: Path) -> None:
+    """In a fresh process, so its peak RSS is this model's: load, warm up on the small example,
+    then answer one photo request (--photo-child)."""
+    import resource
+
+    import psutil
+    import torch
+
+    from scripts.inprocess import ServedModel
+
+    served = ServedModel(model_dir, gpu_id=0 if torch.cuda.is_available() else None)
+    model = json.loads((model_dir / "MAR-INF" / "MANIFEST.json").read_text())["model"]
+    warm = example_requests(sd_steps=2)[model["modelName"]]
+    assert served.predict(json.dumps(warm).encode(), raw=True).status == 200
+    body = body_file.read_bytes()
+    rss_before = psutil.Process().memory_info().rss
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    seconds, reply = timed(lambda: served.predict(body, raw=True))
+    if reply.status != 200:
+        raise SystemExit(f"photo request failed: {reply.status} {reply.body[:300]!r}")
+    result = {
+        "ms": round(seconds * 1000, 1),
+        "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "rss_before_mib": round(rss_before / 2**20, 1),
+        "request_bytes": len(body),
+        "response_bytes": len(reply.body),
+        "format": reply.json()["format"],
+    }
+    if torch.cuda.is_available():
+        result["cuda_allocated_mib"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+        result["cuda_reserved_mib"] = round(torch.cuda.max_memory_reserved() / 2**20, 1)
+    out_file.write_text(json.dumps(result))
+
+
+def bench_photos(work: Path, plan: dict[str, dict[str, list[str]]], weights_root: Path) -> dict:
+    """plan: tier -> model -> sizes. Each row is one request in a fresh process."""
+    from scripts.inprocess import make_model_dir
+    from scripts.weights import build_tier
+
+    results: dict = {"object": f"{PHOTO_OBJECT[0]}x{PHOTO_OBJECT[1]}", "rows": []}
+    bodies: dict[tuple[str, str], Path] = {}
+    for tier, by_model in plan.items():
+        build_tier(tier, weights_root, tuple(by_model))
+        for model, sizes in by_model.items():
+            folder = make_model_dir(
+                work / f"photo-{tier}-{model}", model, weights_dir(weights_root, tier, model)
+            )
+            for size in sizes:
+                if (model, size) not in bodies:
+                    bodies[model, size] = work / f"photo-{model}-{size}.json"
+                    bodies[model, size].write_bytes(photo_body(model, size))
+                out = work / f"photo-{tier}-{model}-{size}.out.json"
+                command = [sys.executable, "-m", "scripts.bench", "--photo-child",
+                           str(folder), str(bodies[model, size]), str(out)]  # fmt: skip
+                subprocess.run(command, check=True, cwd=PROJECT_ROOT, timeout=1800)
+                row = {"tier": tier, "model": model, "size": size, **json.loads(out.read_text())}
+                results["rows"].append(row)
+    return results
+
+
+# ---------------------------------------------------------------------------------------------
 # With CUDA: absolute latencies at full size
 
 
@@ -546,6 +629,13 @@ def report(results: dict) -> str:
     )]  # fmt: skip
     parts.append("largest photo that fits: " + ", ".join(
         f"{fmt} {size}" for fmt, size in payload["largest_fitting_width"].items()))  # fmt: skip
+    photos = results["photos"]
+    parts += ["", f"5. Photos: a {photos['object']} object erased/replaced (one request, fresh "
+              "process; sd: 2 steps)", table(
+        ["model", "tier", "photo", "ms", "peak RSS MiB", "RSS before", "response", "format"],
+        [[r["model"], r["tier"], r["size"], r["ms"], r["peak_rss_mib"], r["rss_before_mib"],
+          r["response_bytes"], r["format"]] for r in photos["rows"]],
+    )]  # fmt: skip
     if results.get("gpu"):
         gpu = results["gpu"]
         parts += ["", f"GPU ({gpu['device']}), synthetic full-size, p50 ms", table(
@@ -617,27 +707,35 @@ def run(args: argparse.Namespace) -> dict:
         archive_models(tuple(MODELS), "tiny", store, weights_root)
         serving = [*models, echo_model(store)]
         with torchserve(work / "local-run", store, "local", serving) as served:
-            print("[bench] 1/4 serving overhead", flush=True)
+            print("[bench] 1/5 serving overhead", flush=True)
             results["overhead"] = bench_overhead(served, work, models, weights_root, rounds)
             if click_tier == "tiny":
-                print("[bench] 2/4 SAM clicks (tiny)", flush=True)
+                print("[bench] 2/5 SAM clicks (tiny)", flush=True)
                 results["sam_clicks"] = bench_clicks(served, rounds, 2, "tiny")
         if click_tier != "tiny":
-            print(f"[bench] 2/4 SAM clicks ({click_tier}; building it if needed)", flush=True)
+            print(f"[bench] 2/5 SAM clicks ({click_tier}; building it if needed)", flush=True)
             click_store = work / "click-store"
             archive_models(("sam",), click_tier, click_store, weights_root)
             with torchserve(work / "click-run", click_store, "local", ["sam"]) as served:
                 results["sam_clicks"] = bench_clicks(served, rounds, 3, click_tier)
-        print("[bench] 3/4 cold load", flush=True)
+        print("[bench] 3/5 cold load", flush=True)
         levels = [0, 6] if args.quick else [0, 1, 6, 9]
         # full-size SD is ~5 GB per tarball and level: its cold loads are left to a GPU host
         cold_models = models if click_tier == "tiny" else [m for m in models if m != "sd"]
         results["cold_load"] = bench_cold(
             work, cold_models, click_tier, levels, weights_root, repeats=1 if args.quick else 3
         )
-        print("[bench] 4/4 payload", flush=True)
+        print("[bench] 4/5 payload", flush=True)
         sizes = [512, 1024] if args.quick else [512, 1024, 2048]
         results["payload"] = bench_payload(sizes, 3 if args.quick else 10)
+        print("[bench] 5/5 photos", flush=True)
+        photo_plan = {"tiny": {"lama": ["1MP", "12MP"], "sd": ["1MP", "12MP"]}}
+        if args.quick:  # CI-sized: one small photo each
+            photo_plan = {"tiny": {"lama": ["1MP"], "sd": ["1MP"]}}
+        elif click_tier == "synthetic":  # full-size LaMa too; full-size SD's CPU time is minutes
+            photo_plan["tiny"]["lama"] = list(PHOTO_SIZES)
+            photo_plan["synthetic"] = {"lama": list(PHOTO_SIZES)}
+        results["photos"] = bench_photos(work, photo_plan, weights_root)
         results["gpu"] = None if args.quick else bench_gpu(work, weights_root, 5)
     return results
 
@@ -664,9 +762,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output-dir", type=Path, default=OUTPUT_DIR)
     parser.add_argument("--weights", type=Path, default=DEFAULT_ROOT, help=argparse.SUPPRESS)
     parser.add_argument("--cold-child", nargs=2, type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--photo-child", nargs=3, type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.cold_child:
         cold_child(*args.cold_child)
+        return 0
+    if args.photo_child:
+        photo_child(*args.photo_child)
         return 0
     results = run(args)
     args.output_dir.mkdir(parents=True, exist_ok=True)

@@ -31,6 +31,11 @@ def test_quick_bench_writes_results_chart_and_tables(tmp_path: Path, weights_roo
     payload = results["payload"]
     assert payload["sizes"]["512x384"]["inflation"] > 1.3  # base64's 4/3, plus JSON
     assert set(payload["largest_fitting_width"]) == {"PNG", "JPEG"}
+    photos = {(row["model"], row["size"]): row for row in results["photos"]["rows"]}
+    assert set(photos) == {("lama", "1MP"), ("sd", "1MP")}
+    for row in photos.values():
+        assert row["ms"] > 0 and row["peak_rss_mib"] > 0 and row["format"] == "jpeg"
     printed = capsys.readouterr().out
-    for heading in ("1. Serving overhead", "2. SAM clicks", "3. Cold load", "4. Payload"):
+    headings = ("1. Serving overhead", "2. SAM clicks", "3. Cold load", "4. Payload", "5. Photos")
+    for heading in headings:
         assert heading in printed
