@@ -337,3 +337,70 @@ def test_handler_settings_come_from_the_model_config(tmp_path):
         common.HandlerContext(tmp_path, {"weights_dir": "../elsewhere"}, config.device).path(
             "weights_dir", "weights"
         )
+
+
+# -- responses that fit ----------------------------------------------------------------------
+
+
+def test_the_default_response_format_follows_the_input():
+    assert common.response_formats(None, "JPEG") == ("JPEG",)
+    assert common.response_formats(None, "PNG") == ("PNG", "JPEG")
+    assert common.response_formats(None, "WEBP") == ("WEBP", "JPEG")
+    assert common.response_formats("PNG", "JPEG") == ("PNG",)  # asked for: honoured
+
+
+def test_fit_image_steps_down_to_a_jpeg_that_fits_and_says_which():
+    noise = random_image(300, 200, seed=1)  # ~180 kB of PNG
+    roomy = common.fit_image(noise, None, "PNG", 1_000_000)
+    assert (roomy.image_format, roomy.format_name) == ("PNG", "png")
+    tight = common.fit_image(noise, None, "PNG", 150_000)  # no room for the PNG
+    assert (tight.image_format, tight.quality) == ("JPEG", 95)
+    best = len(tight.base64) + common.RESPONSE_FIELDS_RESERVE
+    tighter = common.fit_image(noise, None, "PNG", best - 4)  # q95 misses by a byte or so
+    assert tighter.image_format == "JPEG" and tighter.quality == 90
+
+
+def test_fit_image_refuses_with_advice_when_nothing_fits():
+    noise = random_image(300, 200, seed=1)
+    with pytest.raises(RequestError) as raised:
+        common.fit_image(noise, "PNG", "PNG", 100_000)
+    assert raised.value.code == "response_too_large"
+    assert 'leave "format" out' in raised.value.message
+    with pytest.raises(RequestError) as raised:
+        common.fit_image(noise, None, "JPEG", 5_000)
+    assert "send a smaller image" in raised.value.message
+
+
+@pytest.mark.parametrize("size", [(64, 64), (1000, 700), (1024, 1024)])
+def test_the_early_bound_is_below_any_real_jpeg(size):
+    flat = Image.new("RGB", size, (128, 128, 128))  # the cheapest picture there is
+    smallest = common.fit_image(flat, "JPEG", "JPEG", 10**9).base64
+    floor = common.smallest_possible_response(*size)
+    assert floor <= len(smallest) + common.RESPONSE_FIELDS_RESERVE
+    common.refuse_unfittable(size, floor)  # at the floor: not refused
+    assert error_code(common.refuse_unfittable, size, floor - 1) == "response_too_large"
+
+
+@given(st.integers(0, 2**32 - 1), st.integers(2, 40))
+@settings(max_examples=40, deadline=None)
+def test_dilation_of_the_mask_box_only_equals_the_whole_images(seed, kernel_size):
+    rng = np.random.default_rng(seed)
+    mask = np.zeros((60, 80), dtype=bool)
+    for _ in range(rng.integers(1, 4)):
+        y, x = rng.integers(0, 60), rng.integers(0, 80)
+        mask[y : y + rng.integers(1, 6), x : x + rng.integers(1, 6)] = True
+    assert np.array_equal(common.dilate_mask(mask, kernel_size), common._dilate(mask, kernel_size))
+
+
+def test_settings_are_type_checked_at_load():
+    from dataclasses import dataclass
+
+    @dataclass(frozen=True)
+    class Knobs:
+        count: int = 1
+        ratio: float = 0.5
+
+    assert common.read_settings(Knobs, {"count": 3, "ratio": 1, "other": "x"}) == Knobs(3, 1.0)
+    for bad in ({"count": True}, {"count": 1.5}, {"ratio": "0.5"}, {"count": "3"}):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            common.read_settings(Knobs, bad)

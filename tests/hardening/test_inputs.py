@@ -198,7 +198,8 @@ def exif_case_image() -> Image.Image:
 
 
 def noise_jpeg(width: int = 1600, height: int = 1200) -> str:
-    """~1.5 MB of JPEG whose PNG response (~7.7 MB as base64) exceeds SageMaker's 6 MB."""
+    """~1.5 MB of JPEG whose PNG response (~7.7 MB as base64) exceeds SageMaker's 6 MB (asked
+    for explicitly: by default a JPEG in gets a JPEG that fits)."""
     return encode(random_image(width, height, seed=8), "JPEG", quality=75)
 
 
@@ -324,8 +325,8 @@ def build_corpus() -> list[Case]:
         c(sd, "png-ztxt-bomb", body(sd, image=encode(png_text_bomb())), code="invalid_image"),
         c(
             sam,
-            "png-4097x4096-1bit",
-            body(sam, image=encode(Image.new("1", (4097, 4096)))),
+            "png-6145x4096-1bit",  # one column over max_image_pixels (6144 x 4096)
+            body(sam, image=encode(Image.new("1", (6145, 4096)))),
             code="image_too_large",
         ),
         c(lama, "png-0x0", body(lama, image=encode(png_claiming(0, 0))), code="invalid_image"),
@@ -363,13 +364,13 @@ def build_corpus() -> list[Case]:
         c(
             lama,
             "response-too-large",
-            body(lama, image=noise, mask_image=empty_large_mask),
+            body(lama, image=noise, mask_image=empty_large_mask, format="png"),
             code="response_too_large",
         ),
         c(
             sd,
             "response-too-large",
-            body(sd, image=noise, mask_image=empty_large_mask),
+            body(sd, image=noise, mask_image=empty_large_mask, format="png"),
             code="response_too_large",
         ),
         # -- EXIF ------------------------------------------------------------------------------

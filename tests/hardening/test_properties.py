@@ -444,7 +444,7 @@ RESPONSE_TIMEOUT_S = 55  # responseTimeout in configs/*/model-config.yaml
 
 
 def test_the_largest_accepted_dilation_fits_the_response_timeout():
-    side, kernel = 256, 255  # measured here, scaled to the 4096 x 4096 limit
+    side, kernel = 256, 255  # measured here, scaled to the max_image_pixels limit
     mask = np.zeros((side, side), dtype=bool)
     mask[side // 2, side // 2] = True
     started = time.perf_counter()
@@ -454,7 +454,7 @@ def test_the_largest_accepted_dilation_fits_the_response_timeout():
     expected = np.zeros_like(mask)
     expected[reach, reach] = True
     assert np.array_equal(dilated, expected)
-    projected = elapsed * (4096 * 4096) / (side * side)
+    projected = elapsed * common.DEFAULT_MAX_IMAGE_PIXELS / (side * side)
     # SAM's multimask dilates three masks in one request
     assert 3 * projected < RESPONSE_TIMEOUT_S, f"projected {projected:.0f} s per mask"
 
