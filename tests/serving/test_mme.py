@@ -3,6 +3,7 @@ front of TorchServe as `make serve-mme` runs it (the `mme` profile: a key on eve
 
 from __future__ import annotations
 
+import base64
 import json
 import subprocess
 import sys
@@ -569,3 +570,42 @@ def test_boto3_through_the_emulator_matches_torchserve_directly(
             direct = local_server.predict(model, payload)
         assert direct.status_code == 200
         assert via_emulator == direct.json(), model
+
+
+# -- phone photos ----------------------------------------------------------------------------
+
+
+@pytest.mark.slow  # ~30 s here: two model loads and two 12 MP photos
+def test_a_12_mp_phone_photo_erases_and_replaces_through_boto3_with_the_samples_payloads(
+    fresh: Emulator,
+):
+    """The blog's flow on a phone photo, unchanged: a JPEG of 4032 x 3024 with the sample's
+    payload shapes (gen_args as a JSON string) gets a JPEG of its size that fits the response."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from tests.support import box_mask, decode_image, photo_like, photo_request
+
+    width, height = 4032, 3024
+    obj = (2600, 1400, 3200, 1900)
+    photo = photo_request(photo_like(width, height), box_mask(width, height, obj))
+    sent = np.asarray(Image.open(io.BytesIO(base64.b64decode(photo["image"]))).convert("RGB"))
+    far = np.ones((height, width), dtype=bool)
+    far[obj[1] - 24 : obj[3] + 24, obj[0] - 24 : obj[2] + 24] = False  # dilated mask + 2 blocks
+    sd_extra = {"prompt": "a red vase", "gen_args": json.dumps({"num_inference_steps": 2})}
+    for target, extra in (("lama.tar.gz", {}), ("sd.tar.gz", sd_extra)):
+        body = json.dumps({**photo, **extra, "dilate_kernel_size": 15}).encode()
+        assert len(body) <= MAX_BODY_BYTES
+        reply = fresh.client().invoke_endpoint(
+            EndpointName=ENDPOINT, TargetModel=target, ContentType="application/json", Body=body
+        )
+        raw = reply["Body"].read()
+        assert len(raw) <= MAX_BODY_BYTES, target
+        answer = json.loads(raw)
+        assert answer["format"] == "jpeg", target
+        result = decode_image(answer["generated_image"])
+        assert result.format == "JPEG" and result.size == (width, height), target
+        difference = np.abs(np.asarray(result).astype(np.int16) - sent.astype(np.int16))[far]
+        assert difference.mean() <= 2.0 and difference.max() <= 48, target
