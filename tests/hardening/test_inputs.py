@@ -82,8 +82,8 @@ def png_claiming(width: int, height: int) -> bytes:
     )
 
 
-def png_zlib_bomb(width: int = 5000, height: int = 4000) -> bytes:
-    """A real PNG of 20 M zero pixels (over the 16.7 M limit) in ~20 KB."""
+def png_zlib_bomb(width: int = 6500, height: int = 4000) -> bytes:
+    """A real PNG of 26 M zero pixels (over the 25.2 M limit) in ~26 KB."""
     return raw_png(width, height, 8, 0, bytes((width + 1) * height))
 
 
@@ -300,7 +300,7 @@ def build_corpus() -> list[Case]:
         ),
         c(
             lama,
-            "png-zlib-bomb-20mpx",
+            "png-zlib-bomb-26mpx",
             body(lama, image=encode(png_zlib_bomb())),
             code="image_too_large",
         ),
@@ -700,7 +700,9 @@ def test_image_mode_matrix_is_served_at_input_size(local_server: Server, figures
     raw = made if isinstance(made, bytes) else base64.b64decode(data.split(",")[-1])
     mask = decoded(local_server.predict("sam", sam_body(data, [32, 24])))
     assert mask.size == (WIDTH, HEIGHT) and set(np.unique(np.asarray(mask))) <= {0, 255}
-    result = np.asarray(decoded(local_server.predict("lama", lama_body(data, MASK_B64))))
+    # png: exact pixels show the conversion to RGB (a JPEG in would get a JPEG by default)
+    reply = local_server.predict("lama", lama_body(data, MASK_B64, format="png"))
+    result = np.asarray(decoded(reply))
     outside = ~(np.asarray(MASK) > 0)
     assert np.array_equal(result[outside], pillow_rgb(raw)[outside])
     figures.add(requests_sent=2)
