@@ -197,21 +197,25 @@ def test_a_soak_with_worker_kills_loses_nothing_and_keeps_memory_flat(
 
     warm = began + WARM_S * seconds
     growth = {}
-    print(
-        f"\nsoak: {wall:.0f} s, {len(soak.sent)} requests from {CLIENTS} clients, "
+    summary = (
+        f"{wall:.0f} s, {len(soak.sent)} requests from {CLIENTS} clients, "
         f"{len(soak.kills)} worker kills ({', '.join(m for m, _ in soak.kills)}); "
         f"answers {dict(statuses)}"
     )
+    print(f"\nsoak: {summary}")
+    figures.measured(summary)
     for memory in soak.memory.values():
         measured = memory.growth_since(warm)
         if measured is None:
             continue
         first, last, change = measured
         growth[memory.label] = change
-        print(
-            f"  RSS {memory.label} (pids {memory.pids()}): once warm {mib(first)}, "
+        line = (
+            f"RSS {memory.label} (pids {memory.pids()}): once warm {mib(first)}, "
             f"at the end {mib(last)} ({change:+.1%})"
         )
+        print(f"  {line}")
+        figures.measured(line)
     assert not lost, f"{len(lost)} requests hung, e.g. {lost[0]}"
     assert not unexplained, f"{len(unexplained)} errors no kill explains, e.g. {unexplained[:3]}"
     assert final == dict.fromkeys(MODELS, 200), final
