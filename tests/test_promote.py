@@ -23,6 +23,18 @@ from scripts.archive import archive_models, read_manifest, write_manifest
 from scripts.weights import MODELS
 from tests.conftest import BUCKET, FAKE_SECRET, IMAGE, IMAGE_TAG_URI, ROLE
 
+AMI_12 = "al2-ami-sagemaker-inference-gpu-2"  # driver 535: CUDA 12.x builds
+AMI_13 = "al2023-ami-sagemaker-inference-gpu-4-1"  # driver 580: CUDA 13.x builds
+
+
+@pytest.fixture(autouse=True)
+def image_labels(monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
+    """The io.mmekit.torch-cuda labels of the images "local" to these tests (none unless a
+    test adds one): no test depends on a Docker engine."""
+    labels: dict[str, str] = {}
+    monkeypatch.setattr("scripts.image.image_torch_cuda", labels.get)
+    return labels
+
 
 @pytest.fixture(scope="module")
 def tiny_archives(tmp_path_factory: pytest.TempPathFactory, weights_root: Path) -> Path:
@@ -48,6 +60,7 @@ def argv(store: Path, *command: str, **flags: str) -> list[str]:
         "store": str(store),
         "record": str(store.parent / "tested.json"),
         "output": str(store.parent / "promotion.json"),
+        "image-cuda": "13.0",  # the pinned torch's build; IMAGE_URI is not a local image here
         **flags,
     }
     return [item for name, value in options.items() for item in (f"--{name}", value)] + list(
@@ -55,15 +68,17 @@ def argv(store: Path, *command: str, **flags: str) -> list[str]:
     )
 
 
-def run_promote(store: Path, *extra: str) -> tuple[int, promote.Promoter]:
+def run_promote(store: Path, *extra: str, **flags: str) -> tuple[int, promote.Promoter]:
     """`run` as main() does it, keeping the Promoter to read its calls back."""
-    args = promote.build_parser().parse_args(argv(store, "run", "--allow-tiny", *extra))
+    args = promote.build_parser().parse_args(argv(store, "run", "--allow-tiny", *extra, **flags))
     settings = promote.load_settings(
         args.config,
         overrides={
             "bucket": args.bucket,
             "role_arn": args.role_arn,
             "instance_type": args.instance_type,
+            "image_cuda": args.image_cuda,
+            "inference_ami_version": args.inference_ami_version,
         },
     )
     promoter = promote.Promoter(settings, say=lambda line: None)
@@ -244,11 +259,13 @@ def test_dry_run_prints_a_readable_plan_and_creates_no_client(aws, store, capsys
     for model in MODELS:
         assert f"would upload {model}.tar.gz" in out
     settings = promote.load_settings(
-        overrides={"bucket": BUCKET, "role_arn": ROLE, "instance_type": "ml.g4dn.2xlarge"}
+        overrides={"bucket": BUCKET, "role_arn": ROLE, "instance_type": "ml.g4dn.2xlarge"},
     )
     model = promote.model_name(settings, IMAGE)
     assert f"would create model {model}" in out
-    assert f"would create endpoint config {promote.config_name(settings, model)}" in out
+    config = promote.config_name(settings, model, AMI_13)
+    assert f"would create endpoint config {config}" in out
+    assert f"inference AMI: {AMI_13}" in out and "needs driver >= 580" in out
     assert "between 1 and 2 instances" in out and "would write promotion.json" in out
     assert not (store.parent / "promotion.json").exists()
 
@@ -322,8 +339,14 @@ def test_names_follow_the_content_and_change_with_it():
     assert model == promote.model_name(settings, IMAGE)
     assert model != promote.model_name(settings, IMAGE.replace("ab", "cd"))
     bigger = promote.Settings(bucket=BUCKET, role_arn=ROLE, instance_count=2)
-    assert promote.config_name(settings, model) != promote.config_name(bigger, model)
-    assert len(promote.config_name(promote.Settings(endpoint_name="e" * 47), model)) <= 63
+    assert promote.config_name(settings, model, AMI_13) != promote.config_name(
+        bigger, model, AMI_13
+    )
+    assert promote.config_name(settings, model, AMI_13) != promote.config_name(
+        settings, model, AMI_12
+    )  # another driver, another config
+    long = promote.Settings(endpoint_name="e" * 47)
+    assert len(promote.config_name(long, model, AMI_13)) <= 63
 
 
 def test_iam_policies_are_scoped_and_pass_role_is_conditioned():
@@ -408,7 +431,7 @@ def config_reply(name: str, instance_type: str) -> dict:
 def up_to_update(sm: Stubber, settings: promote.Settings, old_type: str = "ml.g5.2xlarge") -> str:
     """The calls before UpdateEndpoint: model and config exist, the endpoint serves OLD_CONFIG."""
     model = promote.model_name(settings, IMAGE)
-    config = promote.config_name(settings, model)
+    config = promote.config_name(settings, model, AMI_13)
     sm.add_response(
         "describe_model",
         {"ModelName": model, "ModelArn": "arn:aws:sagemaker:us-east-1:1:model/m",
@@ -444,7 +467,7 @@ def test_update_moves_the_endpoint_to_the_new_config():
     )
     sm.add_response("describe_endpoint", endpoint("Updating", OLD_CONFIG))
     sm.add_response("describe_endpoint", endpoint("InService", config))
-    result = promoter.ensure_endpoint(IMAGE)
+    result = promoter.ensure_endpoint(IMAGE, AMI_13)
     assert result["changed"] and result["config"] == config
     sm.assert_no_pending_responses()
     assert promoter.mutating_operations == ["UpdateEndpoint"]  # the old config is not deleted
@@ -458,7 +481,7 @@ def test_a_silent_rollback_fails_the_promotion():
     sm.add_response("describe_endpoint", endpoint("RollingBack", OLD_CONFIG))
     sm.add_response("describe_endpoint", endpoint("InService", OLD_CONFIG))
     with pytest.raises(promote.PromoteError, match="rolled back") as raised:
-        promoter.ensure_endpoint(IMAGE)
+        promoter.ensure_endpoint(IMAGE, AMI_13)
     assert OLD_CONFIG in str(raised.value) and config in str(raised.value)
 
 
@@ -469,7 +492,7 @@ def test_a_failed_update_fails_fast_with_the_reason(status):
     sm.add_response("update_endpoint", {"EndpointArn": ENDPOINT_ARN})
     sm.add_response("describe_endpoint", endpoint(status, OLD_CONFIG, "CUDA out of memory"))
     with pytest.raises(promote.PromoteError, match=f"{status}: CUDA out of memory"):
-        promoter.ensure_endpoint(IMAGE)
+        promoter.ensure_endpoint(IMAGE, AMI_13)
     sm.assert_no_pending_responses()  # no further polling
 
 
@@ -480,7 +503,7 @@ def test_throttled_polls_are_retried_until_the_endpoint_settles():
     sm.add_client_error("describe_endpoint", "ThrottlingException", "Rate exceeded", 400)
     sm.add_client_error("describe_endpoint", "ThrottlingException", "Rate exceeded", 400)
     sm.add_response("describe_endpoint", endpoint("InService", config))
-    assert promoter.ensure_endpoint(IMAGE)["config"] == config
+    assert promoter.ensure_endpoint(IMAGE, AMI_13)["config"] == config
 
 
 def test_throttling_that_outlasts_retries_is_one_line(capsys, monkeypatch):
@@ -489,7 +512,10 @@ def test_throttling_that_outlasts_retries_is_one_line(capsys, monkeypatch):
     sm.add_client_error("update_endpoint", "ThrottlingException", "Rate exceeded", 400)
     monkeypatch.setattr(promote, "Promoter", lambda settings: promoter)
     monkeypatch.setenv("IMAGE_URI", IMAGE)
-    assert promote.main(["--bucket", BUCKET, "--role-arn", ROLE, "endpoint"]) == 1
+    assert (
+        promote.main(["--bucket", BUCKET, "--role-arn", ROLE, "--image-cuda", "13.0", "endpoint"])
+        == 1
+    )
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: AWS:") and "ThrottlingException" in err and "\n" not in err
 
@@ -518,7 +544,7 @@ def test_an_instance_type_change_releases_autoscaling_before_the_update():
     scaling.add_response("deregister_scalable_target", {})
     sm.add_response("update_endpoint", {"EndpointArn": ENDPOINT_ARN})
     sm.add_response("describe_endpoint", endpoint("InService", config))
-    promoter.ensure_endpoint(IMAGE)
+    promoter.ensure_endpoint(IMAGE, AMI_13)
     assert promoter.mutating_operations == [
         "DeleteScalingPolicy",
         "DeregisterScalableTarget",
@@ -529,7 +555,7 @@ def test_an_instance_type_change_releases_autoscaling_before_the_update():
 def test_a_failed_endpoint_is_reported_not_updated():
     promoter, sm, _ = stubbed(SETTINGS)
     model = promote.model_name(SETTINGS, IMAGE)
-    config = promote.config_name(SETTINGS, model)
+    config = promote.config_name(SETTINGS, model, AMI_13)
     sm.add_response(
         "describe_model",
         {"ModelName": model, "ModelArn": MODEL_ARN, "CreationTime": "2026-11-26T00:00:00Z"},
@@ -537,7 +563,7 @@ def test_a_failed_endpoint_is_reported_not_updated():
     sm.add_response("describe_endpoint_config", config_reply(config, "ml.g5.2xlarge"))
     sm.add_response("describe_endpoint", endpoint("Failed", OLD_CONFIG, "image not found"))
     with pytest.raises(promote.PromoteError, match="image not found.*make teardown"):
-        promoter.ensure_endpoint(IMAGE)
+        promoter.ensure_endpoint(IMAGE, AMI_13)
     assert promoter.mutating_operations == []
 
 
@@ -554,14 +580,14 @@ def test_expected_checksums_match_what_s3_reports(tmp_path, monkeypatch):
 def test_an_endpoint_that_is_not_in_service_is_never_taken_as_up_to_date(status):
     promoter, sm, _ = stubbed(SETTINGS)
     model = promote.model_name(SETTINGS, IMAGE)
-    config = promote.config_name(SETTINGS, model)
+    config = promote.config_name(SETTINGS, model, AMI_13)
     sm.add_response(
         "describe_model", {"ModelName": model, "ModelArn": MODEL_ARN, "CreationTime": "2026-11-26"}
     )
     sm.add_response("describe_endpoint_config", config_reply(config, "ml.g5.2xlarge"))
     sm.add_response("describe_endpoint", endpoint(status, config, "driver mismatch"))
     with pytest.raises(promote.PromoteError, match=f"{status} .driver mismatch"):
-        promoter.ensure_endpoint(IMAGE)
+        promoter.ensure_endpoint(IMAGE, AMI_13)
     assert promoter.mutating_operations == []
 
 
@@ -586,7 +612,7 @@ def test_a_failed_instance_type_change_gives_the_old_config_its_autoscaling_back
     scaling.add_response("describe_scaling_policies", {"ScalingPolicies": []})
     scaling.add_response("put_scaling_policy", {"PolicyARN": POLICY_ARN, "Alarms": []})
     with pytest.raises(promote.PromoteError, match="capacity"):
-        promoter.ensure_endpoint(IMAGE)
+        promoter.ensure_endpoint(IMAGE, AMI_13)
     assert promoter.mutating_operations[-2:] == ["RegisterScalableTarget", "PutScalingPolicy"]
     scaling.assert_no_pending_responses()
 
