@@ -9,15 +9,20 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import io
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 
 import boto3
 import pytest
+from botocore.response import StreamingBody
 from botocore.stub import Stubber
+from PIL import Image
 
+import mmekit_cuda
 from scripts import promote
 from scripts.archive import archive_models, read_manifest, write_manifest
 from scripts.weights import MODELS
@@ -123,6 +128,10 @@ def test_full_promote_then_a_rerun_makes_no_mutating_call(aws, store):
     endpoint = sm.describe_endpoint(EndpointName="mmekit")
     assert endpoint["EndpointStatus"] == "InService"
     assert endpoint["EndpointConfigName"] == record["endpoint_config"]
+    (variant,) = sm.describe_endpoint_config(EndpointConfigName=record["endpoint_config"])[
+        "ProductionVariants"
+    ]
+    assert variant["InferenceAmiVersion"] == AMI_13 == record["inference_ami_version"]
     container = sm.describe_model(ModelName=record["model"])["PrimaryContainer"]
     assert container["Mode"] == "MultiModel"
     assert container["Image"] == record["image"] and "@sha256:" in container["Image"]
@@ -635,3 +644,289 @@ def test_flags_go_before_or_after_the_subcommand(store, capsys):
     ):
         assert promote.main(order) == 0
         assert "would create endpoint config" in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------------------------------------
+# The driver: InferenceAmiVersion matched to the image's torch CUDA build
+
+
+def test_the_ami_table_agrees_with_botocore():
+    """Every AMI is one of botocore's InferenceAmiVersion values, with the driver and CUDA
+    that botocore's documentation of the shape gives it."""
+    import botocore.session
+
+    shape = (
+        botocore.session.get_session()
+        .get_service_model("sagemaker")
+        .shape_for("ProductionVariant")
+        .members["InferenceAmiVersion"]
+    )
+    text = re.sub(r"<[^>]+>", " ", shape.documentation)
+    documented = {
+        name: (int(driver), cuda)
+        for name, driver, cuda in re.findall(
+            r"(al2\S*-gpu-[\d-]+)\s+Accelerator: GPU\s+NVIDIA driver version: (\d+)\s+"
+            r"CUDA version: ([\d.]+)",
+            text,
+        )
+    }
+    table = promote.load_ami_table()
+    assert {ami.name for ami in table} <= set(shape.enum)
+    for ami in table:
+        assert documented[ami.name] == (ami.driver, ami.cuda), ami.name
+    # what SageMaker's guide documents for gpu-2; the others are marked as assumptions
+    (gpu2,) = [ami for ami in table if ami.name == AMI_12]
+    assert gpu2.families_documented
+    assert set(gpu2.instance_families) == {"g4dn", "g5", "g6", "p3", "p4d", "p4de", "p5"}
+
+
+def fresh_endpoint_calls(sm: Stubber, settings: promote.Settings, ami: str) -> None:
+    """No model, config or endpoint yet: create all three; CreateEndpointConfig must carry
+    `ami` as the variant's InferenceAmiVersion."""
+    model = promote.model_name(settings, IMAGE)
+    config = promote.config_name(settings, model, ami)
+    missing = ("ValidationException", "Could not find it", 400)
+    sm.add_client_error("describe_model", *missing)
+    sm.add_response("create_model", {"ModelArn": MODEL_ARN})
+    sm.add_client_error("describe_endpoint_config", *missing)
+    sm.add_response(
+        "create_endpoint_config",
+        {"EndpointConfigArn": f"arn:aws:sagemaker:us-east-1:123456789012:endpoint-config/{config}"},
+        {
+            "EndpointConfigName": config,
+            "ProductionVariants": [
+                {
+                    "VariantName": "AllTraffic",
+                    "ModelName": model,
+                    "InstanceType": settings.instance_type,
+                    "InitialInstanceCount": 1,
+                    "InferenceAmiVersion": ami,
+                }
+            ],
+            "Tags": [{"Key": "mmekit:endpoint", "Value": "mmekit"}],
+        },
+    )
+    sm.add_client_error("describe_endpoint", *missing)
+    sm.add_response("create_endpoint", {"EndpointArn": ENDPOINT_ARN})
+    sm.add_response("describe_endpoint", endpoint("InService", config))
+
+
+@pytest.mark.parametrize(
+    ("cuda", "instance_type", "expected"),
+    [
+        ("13.0", "ml.g5.2xlarge", AMI_13),  # the pinned torch on the default instance
+        ("13.0", "ml.g5.48xlarge", AMI_13),
+        ("12.6", "ml.g5.2xlarge", AMI_12),  # a cu126 build runs on driver 535
+        ("12.4", "ml.g4dn.xlarge", AMI_12),
+        ("13.0", "ml.g6.xlarge", AMI_13),
+        ("12.1", "ml.p3.2xlarge", AMI_12),
+        ("12.8", "ml.g6e.xlarge", "al2-ami-sagemaker-inference-gpu-3-1"),  # gpu-2 lists no g6e
+    ],
+)
+def test_create_endpoint_config_carries_the_ami_for_the_images_cuda(cuda, instance_type, expected):
+    settings = promote.replace(SETTINGS, instance_type=instance_type, image_cuda=cuda)
+    choice = promote.plan_ami(settings, IMAGE)
+    assert choice.ami.name == expected
+    assert f"CUDA {cuda}" in choice.reason and f"driver >= {mmekit_cuda.min_driver(cuda)}" in (
+        choice.reason
+    )
+    promoter, sm, _ = stubbed(settings)
+    fresh_endpoint_calls(sm, settings, expected)
+    promoter.ensure_endpoint(IMAGE, choice.ami.name)
+    sm.assert_no_pending_responses()
+    assert promoter.mutating_operations == ["CreateModel", "CreateEndpointConfig", "CreateEndpoint"]
+
+
+def test_changing_the_ami_makes_a_new_config_and_an_update_endpoint():
+    old_settings = promote.replace(SETTINGS, image_cuda="13.0")
+    model = promote.model_name(SETTINGS, IMAGE)
+    serving = promote.config_name(old_settings, model, AMI_13)
+    new_settings = promote.replace(SETTINGS, image_cuda="12.6")  # rebuilt with a cu126 torch
+    choice = promote.plan_ami(new_settings, IMAGE)
+    assert choice.ami.name == AMI_12
+    config = promote.config_name(new_settings, model, AMI_12)
+    assert config != serving
+    promoter, sm, _ = stubbed(new_settings)
+    sm.add_response(
+        "describe_model",
+        {"ModelName": model, "ModelArn": MODEL_ARN, "CreationTime": "2026-11-26T00:00:00Z"},
+    )
+    sm.add_client_error("describe_endpoint_config", "ValidationException", "Could not find", 400)
+    sm.add_response(
+        "create_endpoint_config",
+        {"EndpointConfigArn": f"arn:aws:sagemaker:us-east-1:123456789012:endpoint-config/{config}"},
+    )
+    sm.add_response("describe_endpoint", endpoint("InService", serving))
+    sm.add_response("describe_endpoint_config", config_reply(serving, "ml.g5.2xlarge"))
+    sm.add_response(
+        "update_endpoint",
+        {"EndpointArn": ENDPOINT_ARN},
+        {"EndpointName": "mmekit", "EndpointConfigName": config},
+    )
+    sm.add_response("describe_endpoint", endpoint("InService", config))
+    assert promoter.ensure_endpoint(IMAGE, choice.ami.name)["changed"]
+    sm.assert_no_pending_responses()
+    assert promoter.mutating_operations == ["CreateEndpointConfig", "UpdateEndpoint"]
+
+
+def test_the_full_promote_sets_the_ami_on_the_variant(aws, store, image_labels):
+    image_labels[IMAGE_TAG_URI] = "12.4"  # the image's own label decides
+    code, _ = run_promote(store, "--no-smoke", **{"image-cuda": ""})
+    assert code == 0
+    record = json.loads((store.parent / "promotion.json").read_text())
+    assert record["inference_ami_version"] == AMI_12 and record["image_cuda"] == "12.4"
+    sm = boto3.client("sagemaker", region_name="us-east-1")
+    (variant,) = sm.describe_endpoint_config(EndpointConfigName=record["endpoint_config"])[
+        "ProductionVariants"
+    ]
+    assert variant["InferenceAmiVersion"] == AMI_12
+
+
+@pytest.mark.parametrize(
+    ("flags", "label", "says"),
+    [
+        # a CUDA 13 image on a driver-535 AMI
+        (
+            {"inference-ami-version": AMI_12},
+            None,
+            [f"{AMI_12} has NVIDIA driver 535", ">= 580", f"use inference_ami_version {AMI_13}"],
+        ),
+        # an AMI that does not list the instance type
+        (
+            {
+                "image-cuda": "12.4",
+                "inference-ami-version": AMI_12,
+                "instance-type": "ml.g6e.xlarge",
+            },
+            None,
+            [f"{AMI_12} does not list ml.g6e", "change instance_type"],
+        ),
+        # no AMI with a driver for CUDA 13 lists p3 (V100)
+        ({"instance-type": "ml.p3.2xlarge"}, None, ["lists ml.p3", "TORCH_INDEX_URL="]),
+        ({"instance-type": "ml.m5.xlarge"}, None, ["lists ml.m5"]),  # no GPU at all
+        ({"image-cuda": ""}, None, ["CUDA is unknown", 'image_cuda: "13.0"']),
+        ({}, "12.4", ["image_cuda '13.0'", "says CUDA 12.4", "remove image_cuda"]),
+        ({"image-cuda": ""}, "None", ["CPU-only build"]),
+        ({"inference-ami-version": "al2-ami-sagemaker-inference-gpu-9"}, None, ["not in configs"]),
+        ({"image-cuda": "cu130"}, None, ["expected <major>.<minor>"]),
+    ],
+)
+def test_a_combination_that_cannot_run_stops_before_any_call(
+    aws, store, image_labels, monkeypatch, capsys, flags, label, says
+):
+    if label is not None:
+        image_labels[IMAGE_TAG_URI] = label
+    made: list[str] = []
+
+    def counting_factory(service: str, *args, **kwargs):
+        made.append(service)
+        return boto3.client(service, region_name="us-east-1")
+
+    monkeypatch.setattr("scripts.aws.make_client", counting_factory)
+    assert promote.main(argv(store, "run", "--allow-tiny", "--no-smoke", **flags)) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err
+    for text in says:
+        assert text in err
+    assert made == []  # no AWS client at all, so no call that creates anything
+    assert s3_keys() == {}
+    sm = boto3.client("sagemaker", region_name="us-east-1")
+    assert sm.list_models()["Models"] == [] and sm.list_endpoint_configs()["EndpointConfigs"] == []
+
+
+def test_a_known_mismatch_stops_before_the_image_is_built(aws, store, monkeypatch, capsys):
+    monkeypatch.delenv("IMAGE_URI")
+
+    def no_build(*args, **kwargs):
+        raise AssertionError("built an image for a promotion that cannot run")
+
+    monkeypatch.setattr(promote, "build_and_push_image", no_build)
+    flags = {"inference-ami-version": AMI_12}
+    assert promote.main(argv(store, "run", "--allow-tiny", "--no-smoke", **flags)) == 1
+    assert "has NVIDIA driver 535" in capsys.readouterr().err
+
+
+def test_dry_run_says_what_would_stop_a_mismatch(aws, store, capsys, monkeypatch):
+    monkeypatch.setattr("scripts.aws.make_client", lambda *a, **k: pytest.fail("a client"))
+    flags = {"inference-ami-version": AMI_12}
+    assert promote.main(argv(store, "run", "--allow-tiny", "--dry-run", **flags)) == 1
+    out = capsys.readouterr().out
+    assert "inference AMI: none can be chosen" in out
+    assert f"would stop: inference_ami_version {AMI_12} has NVIDIA driver 535" in out
+
+
+def test_image_cuda_in_yaml_must_be_quoted(tmp_path):
+    config = tmp_path / "promote.yaml"
+    config.write_text("image_cuda: 12.10\n")  # YAML: the float 12.1
+    with pytest.raises(promote.PromoteError, match="quoted string"):
+        promote.load_settings(config, {})
+
+
+# ---------------------------------------------------------------------------------------------
+# The smoke test proves the device
+
+
+def png() -> str:
+    buffer = io.BytesIO()
+    Image.new("L", (4, 4)).save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+def smoke_promoter(devices: dict[str, str | None]) -> tuple[promote.Promoter, list]:
+    runtime = boto3.client(
+        "sagemaker-runtime",
+        region_name="us-east-1",
+        aws_access_key_id="x",
+        aws_secret_access_key="y",
+    )
+    stub = Stubber(runtime)
+    artifacts = []
+    for model, device in devices.items():
+        reply: dict = {"generated_image": png(), "scores": [0.1, 0.2, 0.3]}
+        if device is not None:
+            reply["device"] = device
+        data = json.dumps(reply).encode()
+        stub.add_response(
+            "invoke_endpoint",
+            {"Body": StreamingBody(io.BytesIO(data), len(data)), "ContentType": "application/json"},
+        )
+        artifacts.append(promote.Artifact(model, Path(f"{model}.tar.gz"), "ab" * 32, 1, "full"))
+    stub.activate()
+    promoter = promote.Promoter(SETTINGS, client_factory=lambda s: runtime, say=lambda line: None)
+    return promoter, artifacts
+
+
+SMOKE_REQUESTS = {model: {"image": "x"} for model in MODELS}
+
+
+def test_smoke_passes_when_every_model_runs_on_cuda():
+    promoter, artifacts = smoke_promoter({"sam": "cuda:0", "lama": "cuda:0", "sd": "cuda:0"})
+    assert promoter.smoke(artifacts, SMOKE_REQUESTS) == {m: "ok" for m in MODELS}
+
+
+def test_smoke_fails_when_a_model_runs_on_the_cpu():
+    promoter, artifacts = smoke_promoter({"sam": "cuda:0", "lama": "cpu", "sd": "cuda:0"})
+    with pytest.raises(promote.PromoteError, match="not on the GPU") as raised:
+        promoter.smoke(artifacts, SMOKE_REQUESTS)
+    message = str(raised.value)
+    assert f"lama-{'ab' * 6}.tar.gz on cpu" in message and "sam-" not in message
+
+
+def test_smoke_fails_when_a_model_does_not_say_its_device():
+    promoter, artifacts = smoke_promoter({"sam": "cuda:0", "lama": None, "sd": "cuda:0"})
+    with pytest.raises(promote.PromoteError, match="did not report its device"):
+        promoter.smoke(artifacts, SMOKE_REQUESTS)
+
+
+@pytest.mark.parametrize(("cuda", "expected"), [("13.0", AMI_13), ("12.6", AMI_12)])
+def test_every_g5_size_gets_the_ami_the_readme_says(cuda, expected):
+    import yaml
+
+    table = yaml.safe_load((promote.PROJECT_ROOT / "configs" / "instances.yaml").read_text())
+    sizes = [name for name in table["instances"] if name.startswith("ml.g5.")]
+    assert len(sizes) >= 6
+    for size in sizes:
+        settings = promote.replace(SETTINGS, instance_type=size, image_cuda=cuda)
+        assert promote.plan_ami(settings, None).ami.name == expected, size
+    readme = (promote.PROJECT_ROOT / "README.md").read_text()
+    assert f"`{expected}`" in readme
