@@ -392,10 +392,10 @@ def image_cuda(settings: Settings, image_ref: str | None) -> tuple[str, str]:
             )
         return label, f"label {image.TORCH_CUDA_LABEL} of {image_ref}"
     if setting:
-        return setting, "image_cuda in configs/promote.yaml (or MMEKIT_IMAGE_CUDA/--image-cuda)"
+        return setting, "the image_cuda setting"
     raise PromoteError(
-        "the image's CUDA is unknown (its label "
-        f"{image.TORCH_CUDA_LABEL} cannot be read here, the image is not local): set image_cuda "
+        "the image's CUDA is unknown (no local image here carries the label "
+        f"{image.TORCH_CUDA_LABEL}): set image_cuda "
         'in configs/promote.yaml to its torch.version.cuda, e.g. image_cuda: "13.0" (or '
         "MMEKIT_IMAGE_CUDA=13.0, --image-cuda 13.0); `docker run --rm --entrypoint python "
         '<image> -c "import torch; print(torch.version.cuda)"` prints it'
@@ -427,7 +427,7 @@ def choose_ami(
         if fitting
         else f"no AMI in {AMI_TABLE.name} fits ml.{family} with driver >= {needed}"
     )
-    older = f"or build the image with a CUDA 12 torch ({mmekit_cuda.OLDER_TORCH_HINT})"
+    older = f"or build the image with a CUDA 12 torch: {mmekit_cuda.OLDER_TORCH_HINT}"
     wanted = settings.inference_ami_version.strip()
     if wanted:
         by_name = {ami.name: ami for ami in amis}
