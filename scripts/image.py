@@ -23,6 +23,9 @@ NO_ENGINE = (
     "or build on a machine with Docker; or pass IMAGE_URI= to promote an existing image"
 )
 BUILD_ARGS = ("BASE_IMAGE", "TORCH_INDEX_URL")
+# The image label holding torch.version.cuda of the image's torch, set at build time: promote
+# matches the endpoint's driver (InferenceAmiVersion) to it.
+TORCH_CUDA_LABEL = "io.mmekit.torch-cuda"
 
 
 def docker(*args: str, timeout: float = 30.0) -> subprocess.CompletedProcess[str] | None:
@@ -50,6 +53,20 @@ def available() -> bool:
     except json.JSONDecodeError:
         return False
     return isinstance(runtimes, dict) and any("nvidia" in name for name in runtimes)
+
+
+def image_torch_cuda(ref: str) -> str | None:
+    """The TORCH_CUDA_LABEL of a local image; None when docker, the image or the label is
+    missing (an image only in a registry: set image_cuda in configs/promote.yaml)."""
+    result = docker("image", "inspect", "--format", "{{json .Config.Labels}}", ref)
+    if result is None or result.returncode != 0:
+        return None
+    try:
+        labels = json.loads(result.stdout or "null") or {}
+    except json.JSONDecodeError:
+        return None
+    value = labels.get(TORCH_CUDA_LABEL) if isinstance(labels, dict) else None
+    return str(value).strip() if value is not None else None
 
 
 def git_sha() -> str:
