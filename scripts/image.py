@@ -169,10 +169,14 @@ class Built:
     cached: bool  # an image from the same inputs was already there: nothing was built
 
 
-def build_command(found: engine.Engine, tags: list[str], environ: dict[str, str]) -> list[str]:
-    command = [*found.cli(), "build", "--file", str(DOCKERFILE)]
+def build_command(
+    found: engine.Engine, tags: list[str], environ: dict[str, str], root: Path = PROJECT_ROOT
+) -> list[str]:
+    command = [*found.cli(), "build", "--file", str(root / DOCKERFILE.name)]
     if found.kind == "docker":
         command += ["--progress", "plain"]  # BuildKit: one line per event, no TTY redraws
+    else:  # podman's default, OCI, drops SHELL (and HEALTHCHECK): Docker's format keeps them
+        command += ["--format", "docker"]
     for tag in tags:
         command += ["--tag", tag]
     for name, value in build_args(environ).items():
@@ -180,7 +184,7 @@ def build_command(found: engine.Engine, tags: list[str], environ: dict[str, str]
     bundle = ca_bundle(environ)
     if bundle is not None:
         command += ["--secret", f"id={CA_SECRET},src={bundle}"]
-    return [*command, str(PROJECT_ROOT)]
+    return [*command, str(root)]
 
 
 def run_build(command: list[str], env: dict[str, str], log_path: Path) -> int:
@@ -237,6 +241,8 @@ def label(
     with tempfile.TemporaryDirectory(prefix="mmekit-label-") as folder:
         (Path(folder) / "Dockerfile").write_text(f"FROM {image_id}\n")
         command = [*found.cli(), "build", "--quiet"]
+        if found.kind == "podman":
+            command += ["--format", "docker"]
         for key, value in labels.items():
             command += ["--label", f"{key}={value}"]
         for tag in tags:
@@ -268,12 +274,17 @@ def find_built(found: engine.Engine, tag: str) -> Built | None:
 
 
 def build_image(
-    environ: dict[str, str] | None = None, extra_tags: list[str] | None = None, reuse: bool = False
+    environ: dict[str, str] | None = None,
+    extra_tags: list[str] | None = None,
+    reuse: bool = False,
+    root: Path = PROJECT_ROOT,
+    log_path: Path = BUILD_LOG,
 ) -> Built:
-    """Build (or, with `reuse`, find one built from the same inputs) and label the image."""
+    """Build (or, with `reuse`, find one built from the same inputs) and label the image.
+    `root`: the build context (a copy of the project, in tests)."""
     environ = dict(os.environ if environ is None else environ)
     found = engine.ensure()
-    digest = context_digest(environ)
+    digest = context_digest(environ, root)
     tags = [f"{REPOSITORY}:ctx-{digest}", *(extra_tags or [])]
     if reuse:
         built = find_built(found, tags[0])
@@ -286,17 +297,19 @@ def build_image(
     if found.kind == "docker":
         env["DOCKER_BUILDKIT"] = "1"
     started = time.monotonic()
-    unlabelled = f"{REPOSITORY}:build-{digest}"
+    # The engine's own output, before labelling. The tag is kept (and moved by the next build):
+    # removing an image's last tag makes podman delete it with its untagged parents, which are
+    # the layer cache the next build reuses.
+    unlabelled = f"{REPOSITORY}:unlabelled"
     print(f"[image] building on {found.kind} ({found.host}); log "
-          f"{os.path.relpath(BUILD_LOG, PROJECT_ROOT)}", flush=True)  # fmt: skip
-    if run_build(build_command(found, [unlabelled], environ), env, BUILD_LOG) != 0:
-        raise RuntimeError(f"the build failed; the whole log is in {BUILD_LOG}")
+          f"{os.path.relpath(log_path, PROJECT_ROOT)}", flush=True)  # fmt: skip
+    if run_build(build_command(found, [unlabelled], environ, root), env, log_path) != 0:
+        raise RuntimeError(f"the build failed; the whole log is in {log_path}")
     torch_version, cuda = torch_build(found, unlabelled)
     labels = {CUDA_LABEL: cuda, TORCH_LABEL: torch_version, DIGEST_LABEL: digest}
     label(found, unlabelled, tags, labels, env)
     client = found.client()
     try:
-        client.images.remove(unlabelled, noprune=True)  # the tag only; the layers stay
         image = client.images.get(tags[0])
     finally:
         client.close()
