@@ -6,6 +6,7 @@ from __future__ import annotations
 import re
 import shutil
 import time
+import uuid
 from pathlib import Path
 
 from scripts import PROJECT_ROOT, image
@@ -38,7 +39,8 @@ def test_a_handler_only_change_reuses_the_dependency_layers(serving_image, tmp_p
         (context / relative).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(PROJECT_ROOT / relative, context / relative)
     handler = context / "handlers" / "sam_handler.py"
-    handler.write_text(handler.read_text() + "\n# a handler-only change\n")
+    # unique per run: a change built before would come from the engine's cache, rightly
+    handler.write_text(handler.read_text() + f"\n# a handler-only change {uuid.uuid4()}\n")
     log = tmp_path / "build.log"
     started = time.monotonic()
     built = image.build_image(root=context, log_path=log)

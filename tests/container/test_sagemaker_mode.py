@@ -120,5 +120,21 @@ def test_a_bad_request_is_the_containers_400_as_a_model_error(mme: Emulator, log
 
 
 def test_the_sagemaker_python_sdk_predicts_through_it(mme: Emulator, logs_on_failure):
-    sagemaker = pytest.importorskip("sagemaker", reason="the SageMaker Python SDK is not installed")
-    pytest.skip(f"sagemaker {sagemaker.__version__} is installed but not wired up here")
+    """The blog's call. Not installed by the project: sagemaker 2.250-2.257 conflict with the
+    pins (pip: ResolutionImpossible); this runs where someone installs a version that fits."""
+    pytest.importorskip("sagemaker", reason="the SageMaker Python SDK conflicts with the pins")
+    import boto3
+    from sagemaker.deserializers import JSONDeserializer
+    from sagemaker.predictor import Predictor
+    from sagemaker.serializers import JSONSerializer
+    from sagemaker.session import Session
+
+    session = Session(
+        boto_session=boto3.Session(region_name="us-east-1", aws_access_key_id="testing",
+                                   aws_secret_access_key="testing"),
+        sagemaker_runtime_client=mme.client(),
+    )  # fmt: skip
+    predictor = Predictor(ENDPOINT, sagemaker_session=session, serializer=JSONSerializer(),
+                          deserializer=JSONDeserializer())  # fmt: skip
+    body = requests_by_target(sd_steps=1)["sam.tar.gz"]
+    assert "generated_image" in predictor.predict(data=body, target_model="/sam.tar.gz")
