@@ -382,20 +382,20 @@ def image_cuda(settings: Settings, image_ref: str | None) -> tuple[str, str]:
     if label is not None:
         if label in ("", "None"):
             raise PromoteError(
-                f"{image_ref}: its torch is a CPU-only build ({image.TORCH_CUDA_LABEL}="
+                f"{image_ref}: its torch is a CPU-only build ({image.CUDA_LABEL}="
                 f"{label!r}); a GPU endpoint needs a CUDA build of torch in the image"
             )
         if setting and setting != label:
             raise PromoteError(
                 f"image_cuda {setting!r} in the settings, but {image_ref} says CUDA {label} "
-                f"(label {image.TORCH_CUDA_LABEL}): remove image_cuda or correct it"
+                f"(label {image.CUDA_LABEL}): remove image_cuda or correct it"
             )
-        return label, f"label {image.TORCH_CUDA_LABEL} of {image_ref}"
+        return label, f"label {image.CUDA_LABEL} of {image_ref}"
     if setting:
         return setting, "the image_cuda setting"
     raise PromoteError(
         "the image's CUDA is unknown (no local image here carries the label "
-        f"{image.TORCH_CUDA_LABEL}): set image_cuda "
+        f"{image.CUDA_LABEL}): set image_cuda "
         'in configs/promote.yaml to its torch.version.cuda, e.g. image_cuda: "13.0" (or '
         "MMEKIT_IMAGE_CUDA=13.0, --image-cuda 13.0); `docker run --rm --entrypoint python "
         '<image> -c "import torch; print(torch.version.cuda)"` prints it'

@@ -34,7 +34,7 @@ AMI_13 = "al2023-ami-sagemaker-inference-gpu-4-1"  # driver 580: CUDA 13.x build
 
 @pytest.fixture(autouse=True)
 def image_labels(monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
-    """The io.mmekit.torch-cuda labels of the images "local" to these tests (none unless a
+    """The org.mmekit.torch.cuda labels of the images "local" to these tests (none unless a
     test adds one): no test depends on a Docker engine."""
     labels: dict[str, str] = {}
     monkeypatch.setattr("scripts.image.image_torch_cuda", labels.get)
