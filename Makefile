@@ -6,7 +6,7 @@ VENV_PY := .venv/bin/python
 SETUP := $(PYTHON) -m scripts.bootstrap
 
 .DEFAULT_GOAL := help
-.PHONY: help setup weights fetch-weights archive serve-local dev serve-mme image edit ui bench footprint plan promote models teardown iam-policy stop token test test-handlers test-hardening test-slow lint
+.PHONY: help setup weights fetch-weights archive serve-local dev serve-mme image engine-stop edit ui bench footprint plan promote models teardown iam-policy stop token test test-handlers test-hardening test-container test-slow lint
 
 help: ## list the targets
 	@$(PYTHON) -m scripts.make_help Makefile
@@ -29,11 +29,14 @@ serve-local: ## set up, archive and serve all three models on 127.0.0.1 (DETACH=
 dev: ## the inner loop: serve, and hot-swap a model when its handler or config changes (tiny weights)
 	@$(SETUP) && $(VENV_PY) -m scripts.dev
 
-serve-mme: ## a local SageMaker multi-model endpoint for boto3 (MME_PORT=8090, MME_SOURCE=s3://...)
+serve-mme: ## a local SageMaker multi-model endpoint for boto3 (MME_PORT=8090, MME_SOURCE=s3://..., MME_BACKEND=container)
 	@$(SETUP) && $(VENV_PY) -m scripts.mme
 
-image: ## docker build the serving image, tagged mmekit:<git sha> (says so where no engine exists)
+image: ## build the serving image, tagged mmekit:<git sha>: size, time, torch's CUDA (podman where no Docker)
 	@$(SETUP) && $(VENV_PY) -m scripts.image build
+
+engine-stop: ## stop the podman service (Docker API) the image tools started; containers keep running
+	@$(SETUP) && $(VENV_PY) -m scripts.engine stop
 
 bench: ## measure: serving overhead, SAM clicks, cold loads, payloads (bench/; QUICK=1: CI-sized)
 	@$(SETUP) && $(VENV_PY) -m scripts.bench $(ARGS)
@@ -76,6 +79,9 @@ test-handlers: archive ## the handler tests, then model_store/'s archives over H
 
 test-hardening: ## faults, load, malformed input, exposure, artifacts; a table of figures (HARDENING_FULL=1)
 	@$(SETUP) && $(VENV_PY) -m pytest tests/hardening --run-slow
+
+test-container: ## build the image (cached by its inputs), run it: compose, SageMaker mode, PID 1, hygiene
+	@$(SETUP) && $(VENV_PY) -m pytest tests/container --run-container
 
 test-slow: ## the slow tests too (full-size random models)
 	@$(SETUP) && $(VENV_PY) -m pytest --run-slow

@@ -31,6 +31,8 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
+import mmekit_cuda
+
 logger = logging.getLogger(__name__)
 
 # Formats a client may send; everything else (TIFF, BMP, PSD, ...) is refused before decoding.
@@ -650,6 +652,14 @@ class LruCache:
 # Model context
 
 
+DEVICE_SETTINGS = ("auto", "cpu")  # `device:` under `handler:` in model-config.yaml
+
+
+class DeviceUnavailableError(RuntimeError):
+    """TorchServe assigned a GPU that torch cannot use. Raised from `initialize`, so the worker
+    fails to start (and SageMaker's endpoint with it) instead of serving on the CPU."""
+
+
 @dataclass(frozen=True)
 class HandlerContext:
     """What a handler needs from TorchServe's context: its folder, its settings, its device."""
@@ -657,6 +667,7 @@ class HandlerContext:
     model_dir: Path
     settings: dict
     device: torch.device
+    device_reason: str = ""  # why this device: the start-up log line says it
 
     def setting(self, name: str, default: Any = None) -> Any:
         return self.settings.get(name, default)
@@ -696,11 +707,70 @@ def read_settings(cls: type[SettingsT], settings: Mapping) -> SettingsT:
     return instance
 
 
-def select_device(gpu_id: Any) -> torch.device:
-    # TorchServe passes gpu_id None on CPU hosts; CUDA only when it is both assigned and present.
-    if gpu_id is not None and torch.cuda.is_available():
-        return torch.device(f"cuda:{int(gpu_id)}")
-    return torch.device("cpu")
+def read_device_setting(settings: Mapping) -> str:
+    """`device:` from the handler settings: auto (the default: the GPU TorchServe assigns, or
+    the CPU when it assigns none) or cpu (a deliberate CPU run, even where a GPU is assigned)."""
+    value = settings.get("device", "auto")
+    if value not in DEVICE_SETTINGS:
+        raise ValueError(f"setting device={value!r}: use one of {', '.join(DEVICE_SETTINGS)}")
+    return value
+
+
+def select_device(gpu_id: Any, wanted: str = "auto") -> tuple[torch.device, str]:
+    """The device and why. TorchServe passes gpu_id None on CPU hosts. A gpu_id that torch
+    cannot use raises DeviceUnavailableError: never a silent fallback to the CPU, where a
+    GPU host's models would run many times slower (SD into the 60 s limit) with no cause shown."""
+    if wanted == "cpu":
+        assigned = "" if gpu_id is None else f"; GPU {gpu_id} assigned by TorchServe stays unused"
+        return torch.device("cpu"), f"device: cpu in model-config.yaml{assigned}"
+    if gpu_id is None:
+        return torch.device("cpu"), "TorchServe assigned no GPU"
+    index = int(gpu_id)
+    if not torch.cuda.is_available():
+        raise DeviceUnavailableError(cuda_unavailable_message(index))
+    if index >= torch.cuda.device_count():
+        raise DeviceUnavailableError(
+            f"TorchServe assigned GPU {index}, but torch sees {torch.cuda.device_count()} "
+            "GPU(s): check NVIDIA_VISIBLE_DEVICES and TorchServe's number_of_gpu"
+        )
+    return torch.device(f"cuda:{index}"), f"GPU {index} assigned by TorchServe"
+
+
+def cuda_unavailable_message(gpu_id: int, driver: str | None = None) -> str:
+    """What is wrong and how to fix it: the host's driver, torch's CUDA build, the rule."""
+    driver = mmekit_cuda.driver_version() if driver is None else driver
+    built_for = torch.version.cuda
+    head = f"TorchServe assigned GPU {gpu_id}, but torch {torch.__version__} cannot use CUDA: "
+    cpu_run = "; for a deliberate CPU run set `device: cpu` under `handler:` in model-config.yaml"
+    driver_text = f"NVIDIA driver {driver}" if driver else mmekit_cuda.NO_DRIVER
+    if built_for is None:
+        return (
+            f"{head}{driver_text}, torch is a CPU-only build (torch.version.cuda is None). "
+            f"Fix: install a CUDA build of torch{cpu_run}"
+        )
+    try:
+        needed: int | None = mmekit_cuda.min_driver(built_for)
+    except ValueError:
+        needed = None
+    rule = f"torch's CUDA {built_for} build needs driver >= {needed or '?'}"
+    if driver is None:
+        return (
+            f"{head}{driver_text}; {rule}. Fix: run the container with the GPU "
+            "visible (NVIDIA_VISIBLE_DEVICES=all, NVIDIA_DRIVER_CAPABILITIES=compute,utility) "
+            f"on a host with driver >= {needed or '?'}{cpu_run}"
+        )
+    if needed is not None and mmekit_cuda.driver_branch(driver) < needed:
+        return (
+            f"{head}{driver_text}, but {rule}. Fix: a host with driver >= {needed} (on "
+            "SageMaker, `make promote` sets InferenceAmiVersion from configs/inference-amis."
+            f"yaml), or an image with a torch for an older CUDA: {mmekit_cuda.OLDER_TORCH_HINT}"
+            f"{cpu_run}"
+        )
+    return (
+        f"{head}{driver_text} should run torch's CUDA {built_for} build, yet CUDA does not "
+        "initialise: libcuda is probably not mounted in the container (set "
+        f"NVIDIA_DRIVER_CAPABILITIES=compute,utility; unset means utility only){cpu_run}"
+    )
 
 
 def handler_context(context: Any) -> HandlerContext:
@@ -711,10 +781,12 @@ def handler_context(context: Any) -> HandlerContext:
     properties = context.system_properties
     yaml_config = getattr(context, "model_yaml_config", None) or {}
     settings = dict(yaml_config.get("handler") or {})
+    device, reason = select_device(properties.get("gpu_id"), read_device_setting(settings))
     return HandlerContext(
         model_dir=Path(properties["model_dir"]),
         settings=settings,
-        device=select_device(properties.get("gpu_id")),
+        device=device,
+        device_reason=reason,
     )
 
 
@@ -736,6 +808,10 @@ class EditHandler:
 
     def initialize(self, context: Any) -> None:
         self.config = handler_context(context)
+        name = getattr(context, "model_name", None) or self.config.model_dir.name
+        logger.info(
+            "model %s: running on %s (%s)", name, self.config.device, self.config.device_reason
+        )
         self.image_limits = ImageLimits.from_settings(self.config.settings)
         self.max_response_bytes = int(
             self.config.setting("max_response_bytes", DEFAULT_MAX_RESPONSE_BYTES)
@@ -774,11 +850,18 @@ class EditHandler:
     # -- the loop ---------------------------------------------------------------------------
     def process(self, row: Any) -> str:
         """One request -> its JSON response text."""
-        request = self.decode(read_payload(row))
+        payload = read_payload(row)
+        # opt-in, so the documented responses stay as they are: promote's smoke test asks,
+        # to prove the models run on the GPU of a GPU instance
+        report_device = read_bool(payload, "report_device", False)
+        request = self.decode(payload)
         self.validate(request)
         with torch.inference_mode():
             result = self.infer(request)
-        response = json.dumps(self.encode(result))
+        encoded = self.encode(result)
+        if report_device:
+            encoded["device"] = str(self.config.device)
+        response = json.dumps(encoded)
         if len(response) > self.max_response_bytes:
             raise RequestError(
                 "response_too_large",

@@ -15,6 +15,10 @@ least-recently-used models past a memory budget or on a 507, and exposes MME-sty
 Prometheus text at `/metrics`.
 
     python -m scripts.mme [--source model_store | s3://bucket/prefix] [--port 8090]
+                          [--backend native|container] [--image TAG]
+
+`--backend container` (MME_BACKEND=container) puts the serving image behind the emulator
+instead of a native TorchServe, exactly as SageMaker runs it (ContainerBackend).
 """
 
 from __future__ import annotations
@@ -214,7 +218,7 @@ class TorchServeClient:
             self._local.session = session
         return self._local.session
 
-    def register(self, name: str, folder: Path) -> Reply:
+    def register(self, name: str, folder: Path | PurePosixPath) -> Reply:
         reply = self.session.post(
             f"{self.management_url}/models",
             json={"model_name": name, "url": str(folder)},
@@ -294,6 +298,84 @@ def start_torchserve(root: Path, log: IO[bytes] | None = None) -> Backend:
     return Backend(runtime, process, ports, models_dir, client)
 
 
+CONTAINER_MODELS_DIR = PurePosixPath("/opt/ml/models")  # where SageMaker mounts the models
+CONTAINER_STOP_TIMEOUT_S = 30  # SageMaker's SIGTERM -> SIGKILL
+
+
+@dataclass
+class ContainerBackend:
+    """The serving image behind the emulator, run as SageMaker runs it: `docker run <image>
+    serve`, the extracted models under /opt/ml/models/<hash>/model (a read-only bind mount of
+    <root>/opt/ml/models), SAGEMAKER_BIND_TO_PORT set. Its API has no key, as on SageMaker,
+    where only SageMaker's agent reaches the container: here it is published on 127.0.0.1 only,
+    for the emulator's run."""
+
+    container: Any  # a Docker SDK Container
+    ports: Ports
+    models_dir: Path
+    client: TorchServeClient
+    engine_client: Any  # the Docker SDK client the container was started with
+
+    def running(self) -> bool:
+        try:
+            self.container.reload()
+        except Exception:  # removed, or the engine went away
+            return False
+        return self.container.status in ("created", "running")
+
+    def wait_until_accepting(self, timeout: float = 180.0) -> None:
+        from scripts.serve import ServeError, accepts_calls
+
+        deadline = time.monotonic() + timeout
+        while not accepts_calls(self.client.url):
+            if not self.running():
+                raise ServeError(f"the container exited; its log:\n{self.logs()}")
+            if time.monotonic() > deadline:
+                raise ServeError(f"the container did not accept calls within {timeout:.0f} s")
+            time.sleep(0.5)
+
+    def logs(self, tail: int = 200) -> str:
+        try:
+            return self.container.logs(tail=tail).decode(errors="replace")
+        except Exception as error:  # already removed
+            return f"(no log: {error})"
+
+    def stop(self) -> None:
+        try:
+            self.container.stop(timeout=CONTAINER_STOP_TIMEOUT_S)
+            self.container.remove(force=True)
+        except Exception as error:  # already gone
+            logger.info("container stop: %s", error)
+        finally:
+            self.engine_client.close()
+
+
+def start_container(root: Path, image_tag: str, name: str | None = None) -> ContainerBackend:
+    """The image in SageMaker's mode on a free loopback port, not waited for."""
+    from scripts import engine
+    from scripts.serve import Ports, free_ports
+
+    port = free_ports(1)[0]
+    models_dir = root / "opt" / "ml" / "models"
+    models_dir.mkdir(parents=True, exist_ok=True)
+    docker_client = engine.ensure().client()
+    container = docker_client.containers.run(
+        image_tag,
+        command=["serve"],
+        name=name,
+        detach=True,
+        environment={"SAGEMAKER_BIND_TO_PORT": str(port)},  # as on a multi-container endpoint
+        ports={f"{port}/tcp": ("127.0.0.1", port)},
+        volumes={str(models_dir): {"bind": str(CONTAINER_MODELS_DIR), "mode": "ro"}},
+        stop_signal="SIGTERM",
+        labels={"org.mmekit.role": "mme-backend"},
+    )
+    url = f"http://127.0.0.1:{port}"
+    return ContainerBackend(
+        container, Ports(port, port), models_dir, TorchServeClient(url), docker_client
+    )
+
+
 # ---------------------------------------------------------------------------------------------
 # The endpoint
 
@@ -349,6 +431,8 @@ class Endpoint:
     downloads_dir: Path
     torchserve: TorchServeClient
     memory_budget_bytes: int | None = None
+    # where TorchServe sees models_dir: itself natively, /opt/ml/models in the container
+    backend_models_dir: PurePosixPath | None = None
     not_ready_after_s: float = NOT_READY_AFTER_S
     invocation_timeout_s: float = INVOCATION_TIMEOUT_S
     metrics: Metrics = field(default_factory=Metrics)
@@ -483,10 +567,11 @@ class Endpoint:
             size = sum(path.stat().st_size for path in folder.rglob("*") if path.is_file())
             model = LoadedModel(target, name, folder, size)
             self._make_room(size, target)
-            reply = self.torchserve.register(name, folder)
+            url = self.backend_path(folder)
+            reply = self.torchserve.register(name, url)
             if reply.status == 507:  # TorchServe is out of memory: free some, once
                 self.evict_least_recent(keep=target)
-                reply = self.torchserve.register(name, folder)
+                reply = self.torchserve.register(name, url)
             if reply.status == 409:
                 logger.info("%s was already registered (%s)", target, name)
             elif reply.status >= 300:
@@ -500,6 +585,12 @@ class Endpoint:
         finally:
             with self.lock:
                 self.loading.pop(target, None)
+
+    def backend_path(self, folder: Path) -> Path | PurePosixPath:
+        """The model folder as TorchServe sees it (SageMaker registers the container's path)."""
+        if self.backend_models_dir is None:
+            return folder
+        return self.backend_models_dir / folder.relative_to(self.models_dir).as_posix()
 
     def _wait_until_serving(self, name: str) -> None:
         deadline = time.monotonic() + LOAD_TIMEOUT_S
@@ -539,7 +630,16 @@ class Endpoint:
         if model is None:
             return
         started = time.monotonic()
-        self.torchserve.unregister(model.name)
+        reply = self.torchserve.unregister(model.name)
+        if reply.status >= 500:
+            # Seen with the serving image (make test-container): TorchServe 0.12 answers the
+            # first DELETE after a load "500 Interrupted while cleaning resources" (its worker
+            # stopped, the model kept); a second DELETE unregisters it.
+            logger.info("unloading %s: TorchServe answered %s; once more", target, reply.status)
+            reply = self.torchserve.unregister(model.name)
+        if reply.status >= 300:
+            logger.warning("unloading %s: TorchServe answered %s %s", target, reply.status,
+                           reply.text[:200])  # fmt: skip
         shutil.rmtree(model.folder.parent, ignore_errors=True)
         self.metrics.unloading.observe(time.monotonic() - started)
         logger.info("unloaded %s", target)
@@ -675,6 +775,17 @@ def main(argv: list[str] | None = None) -> int:
         help="evict least-recently-used models past this (extracted size)",
     )
     parser.add_argument("--s3-endpoint-url", default=os.environ.get("S3_ENDPOINT_URL"))
+    parser.add_argument(
+        "--backend",
+        choices=("native", "container"),
+        default=os.environ.get("MME_BACKEND") or "native",
+        help="TorchServe from the venv, or the serving image as SageMaker runs it",
+    )
+    parser.add_argument(
+        "--image",
+        default=os.environ.get("MME_IMAGE"),
+        help="with --backend container: this image (default: build this tree's, reused)",
+    )
     parser.add_argument("--root", type=Path, default=PROJECT_ROOT / ".mmekit" / "mme")
     args = parser.parse_args(argv)
 
@@ -692,7 +803,20 @@ def main(argv: list[str] | None = None) -> int:
     except ServeError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
-    backend = start_torchserve(args.root)
+    backend: Backend | ContainerBackend
+    if args.backend == "container":
+        from scripts import engine, image
+
+        try:
+            tag = args.image or image.build_image(reuse=True).tags[0]
+            backend = start_container(args.root, tag)
+        except (RuntimeError, engine.EngineError) as error:
+            print(f"error: MME_BACKEND=container: {error}", file=sys.stderr)
+            return 1
+        print(f"[mme] TorchServe: the image {tag} in SageMaker's mode (`serve`, "
+              f"SAGEMAKER_BIND_TO_PORT={backend.ports.inference})", flush=True)  # fmt: skip
+    else:
+        backend = start_torchserve(args.root)
     endpoint = Endpoint(
         name=args.endpoint_name,
         source=source,
@@ -702,6 +826,7 @@ def main(argv: list[str] | None = None) -> int:
         memory_budget_bytes=(
             int(args.memory_budget_mb * 1e6) if args.memory_budget_mb is not None else None
         ),
+        backend_models_dir=CONTAINER_MODELS_DIR if args.backend == "container" else None,
     )
     write_requests(args.root / "requests")
     print(usage(args.port, args.endpoint_name, args.root / "requests"), flush=True)

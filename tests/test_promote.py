@@ -9,19 +9,36 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import io
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 
 import boto3
 import pytest
+from botocore.response import StreamingBody
 from botocore.stub import Stubber
+from PIL import Image
 
+import mmekit_cuda
 from scripts import promote
 from scripts.archive import archive_models, read_manifest, write_manifest
 from scripts.weights import MODELS
 from tests.conftest import BUCKET, FAKE_SECRET, IMAGE, IMAGE_TAG_URI, ROLE
+
+AMI_12 = "al2-ami-sagemaker-inference-gpu-2"  # driver 535: CUDA 12.x builds
+AMI_13 = "al2023-ami-sagemaker-inference-gpu-4-1"  # driver 580: CUDA 13.x builds
+
+
+@pytest.fixture(autouse=True)
+def image_labels(monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
+    """The org.mmekit.torch.cuda labels of the images "local" to these tests (none unless a
+    test adds one): no test depends on a Docker engine."""
+    labels: dict[str, str] = {}
+    monkeypatch.setattr("scripts.image.image_torch_cuda", labels.get)
+    return labels
 
 
 @pytest.fixture(scope="module")
@@ -48,6 +65,7 @@ def argv(store: Path, *command: str, **flags: str) -> list[str]:
         "store": str(store),
         "record": str(store.parent / "tested.json"),
         "output": str(store.parent / "promotion.json"),
+        "image-cuda": "13.0",  # the pinned torch's build; IMAGE_URI is not a local image here
         **flags,
     }
     return [item for name, value in options.items() for item in (f"--{name}", value)] + list(
@@ -55,15 +73,17 @@ def argv(store: Path, *command: str, **flags: str) -> list[str]:
     )
 
 
-def run_promote(store: Path, *extra: str) -> tuple[int, promote.Promoter]:
+def run_promote(store: Path, *extra: str, **flags: str) -> tuple[int, promote.Promoter]:
     """`run` as main() does it, keeping the Promoter to read its calls back."""
-    args = promote.build_parser().parse_args(argv(store, "run", "--allow-tiny", *extra))
+    args = promote.build_parser().parse_args(argv(store, "run", "--allow-tiny", *extra, **flags))
     settings = promote.load_settings(
         args.config,
         overrides={
             "bucket": args.bucket,
             "role_arn": args.role_arn,
             "instance_type": args.instance_type,
+            "image_cuda": args.image_cuda,
+            "inference_ami_version": args.inference_ami_version,
         },
     )
     promoter = promote.Promoter(settings, say=lambda line: None)
@@ -108,6 +128,10 @@ def test_full_promote_then_a_rerun_makes_no_mutating_call(aws, store):
     endpoint = sm.describe_endpoint(EndpointName="mmekit")
     assert endpoint["EndpointStatus"] == "InService"
     assert endpoint["EndpointConfigName"] == record["endpoint_config"]
+    (variant,) = sm.describe_endpoint_config(EndpointConfigName=record["endpoint_config"])[
+        "ProductionVariants"
+    ]
+    assert variant["InferenceAmiVersion"] == AMI_13 == record["inference_ami_version"]
     container = sm.describe_model(ModelName=record["model"])["PrimaryContainer"]
     assert container["Mode"] == "MultiModel"
     assert container["Image"] == record["image"] and "@sha256:" in container["Image"]
@@ -244,11 +268,13 @@ def test_dry_run_prints_a_readable_plan_and_creates_no_client(aws, store, capsys
     for model in MODELS:
         assert f"would upload {model}.tar.gz" in out
     settings = promote.load_settings(
-        overrides={"bucket": BUCKET, "role_arn": ROLE, "instance_type": "ml.g4dn.2xlarge"}
+        overrides={"bucket": BUCKET, "role_arn": ROLE, "instance_type": "ml.g4dn.2xlarge"},
     )
     model = promote.model_name(settings, IMAGE)
     assert f"would create model {model}" in out
-    assert f"would create endpoint config {promote.config_name(settings, model)}" in out
+    config = promote.config_name(settings, model, AMI_13)
+    assert f"would create endpoint config {config}" in out
+    assert f"inference AMI: {AMI_13}" in out and "needs driver >= 580" in out
     assert "between 1 and 2 instances" in out and "would write promotion.json" in out
     assert not (store.parent / "promotion.json").exists()
 
@@ -322,8 +348,14 @@ def test_names_follow_the_content_and_change_with_it():
     assert model == promote.model_name(settings, IMAGE)
     assert model != promote.model_name(settings, IMAGE.replace("ab", "cd"))
     bigger = promote.Settings(bucket=BUCKET, role_arn=ROLE, instance_count=2)
-    assert promote.config_name(settings, model) != promote.config_name(bigger, model)
-    assert len(promote.config_name(promote.Settings(endpoint_name="e" * 47), model)) <= 63
+    assert promote.config_name(settings, model, AMI_13) != promote.config_name(
+        bigger, model, AMI_13
+    )
+    assert promote.config_name(settings, model, AMI_13) != promote.config_name(
+        settings, model, AMI_12
+    )  # another driver, another config
+    long = promote.Settings(endpoint_name="e" * 47)
+    assert len(promote.config_name(long, model, AMI_13)) <= 63
 
 
 def test_iam_policies_are_scoped_and_pass_role_is_conditioned():
@@ -408,7 +440,7 @@ def config_reply(name: str, instance_type: str) -> dict:
 def up_to_update(sm: Stubber, settings: promote.Settings, old_type: str = "ml.g5.2xlarge") -> str:
     """The calls before UpdateEndpoint: model and config exist, the endpoint serves OLD_CONFIG."""
     model = promote.model_name(settings, IMAGE)
-    config = promote.config_name(settings, model)
+    config = promote.config_name(settings, model, AMI_13)
     sm.add_response(
         "describe_model",
         {"ModelName": model, "ModelArn": "arn:aws:sagemaker:us-east-1:1:model/m",
@@ -444,7 +476,7 @@ def test_update_moves_the_endpoint_to_the_new_config():
     )
     sm.add_response("describe_endpoint", endpoint("Updating", OLD_CONFIG))
     sm.add_response("describe_endpoint", endpoint("InService", config))
-    result = promoter.ensure_endpoint(IMAGE)
+    result = promoter.ensure_endpoint(IMAGE, AMI_13)
     assert result["changed"] and result["config"] == config
     sm.assert_no_pending_responses()
     assert promoter.mutating_operations == ["UpdateEndpoint"]  # the old config is not deleted
@@ -458,7 +490,7 @@ def test_a_silent_rollback_fails_the_promotion():
     sm.add_response("describe_endpoint", endpoint("RollingBack", OLD_CONFIG))
     sm.add_response("describe_endpoint", endpoint("InService", OLD_CONFIG))
     with pytest.raises(promote.PromoteError, match="rolled back") as raised:
-        promoter.ensure_endpoint(IMAGE)
+        promoter.ensure_endpoint(IMAGE, AMI_13)
     assert OLD_CONFIG in str(raised.value) and config in str(raised.value)
 
 
@@ -469,7 +501,7 @@ def test_a_failed_update_fails_fast_with_the_reason(status):
     sm.add_response("update_endpoint", {"EndpointArn": ENDPOINT_ARN})
     sm.add_response("describe_endpoint", endpoint(status, OLD_CONFIG, "CUDA out of memory"))
     with pytest.raises(promote.PromoteError, match=f"{status}: CUDA out of memory"):
-        promoter.ensure_endpoint(IMAGE)
+        promoter.ensure_endpoint(IMAGE, AMI_13)
     sm.assert_no_pending_responses()  # no further polling
 
 
@@ -480,7 +512,7 @@ def test_throttled_polls_are_retried_until_the_endpoint_settles():
     sm.add_client_error("describe_endpoint", "ThrottlingException", "Rate exceeded", 400)
     sm.add_client_error("describe_endpoint", "ThrottlingException", "Rate exceeded", 400)
     sm.add_response("describe_endpoint", endpoint("InService", config))
-    assert promoter.ensure_endpoint(IMAGE)["config"] == config
+    assert promoter.ensure_endpoint(IMAGE, AMI_13)["config"] == config
 
 
 def test_throttling_that_outlasts_retries_is_one_line(capsys, monkeypatch):
@@ -489,7 +521,10 @@ def test_throttling_that_outlasts_retries_is_one_line(capsys, monkeypatch):
     sm.add_client_error("update_endpoint", "ThrottlingException", "Rate exceeded", 400)
     monkeypatch.setattr(promote, "Promoter", lambda settings: promoter)
     monkeypatch.setenv("IMAGE_URI", IMAGE)
-    assert promote.main(["--bucket", BUCKET, "--role-arn", ROLE, "endpoint"]) == 1
+    assert (
+        promote.main(["--bucket", BUCKET, "--role-arn", ROLE, "--image-cuda", "13.0", "endpoint"])
+        == 1
+    )
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: AWS:") and "ThrottlingException" in err and "\n" not in err
 
@@ -518,7 +553,7 @@ def test_an_instance_type_change_releases_autoscaling_before_the_update():
     scaling.add_response("deregister_scalable_target", {})
     sm.add_response("update_endpoint", {"EndpointArn": ENDPOINT_ARN})
     sm.add_response("describe_endpoint", endpoint("InService", config))
-    promoter.ensure_endpoint(IMAGE)
+    promoter.ensure_endpoint(IMAGE, AMI_13)
     assert promoter.mutating_operations == [
         "DeleteScalingPolicy",
         "DeregisterScalableTarget",
@@ -529,7 +564,7 @@ def test_an_instance_type_change_releases_autoscaling_before_the_update():
 def test_a_failed_endpoint_is_reported_not_updated():
     promoter, sm, _ = stubbed(SETTINGS)
     model = promote.model_name(SETTINGS, IMAGE)
-    config = promote.config_name(SETTINGS, model)
+    config = promote.config_name(SETTINGS, model, AMI_13)
     sm.add_response(
         "describe_model",
         {"ModelName": model, "ModelArn": MODEL_ARN, "CreationTime": "2026-11-26T00:00:00Z"},
@@ -537,7 +572,7 @@ def test_a_failed_endpoint_is_reported_not_updated():
     sm.add_response("describe_endpoint_config", config_reply(config, "ml.g5.2xlarge"))
     sm.add_response("describe_endpoint", endpoint("Failed", OLD_CONFIG, "image not found"))
     with pytest.raises(promote.PromoteError, match="image not found.*make teardown"):
-        promoter.ensure_endpoint(IMAGE)
+        promoter.ensure_endpoint(IMAGE, AMI_13)
     assert promoter.mutating_operations == []
 
 
@@ -554,14 +589,14 @@ def test_expected_checksums_match_what_s3_reports(tmp_path, monkeypatch):
 def test_an_endpoint_that_is_not_in_service_is_never_taken_as_up_to_date(status):
     promoter, sm, _ = stubbed(SETTINGS)
     model = promote.model_name(SETTINGS, IMAGE)
-    config = promote.config_name(SETTINGS, model)
+    config = promote.config_name(SETTINGS, model, AMI_13)
     sm.add_response(
         "describe_model", {"ModelName": model, "ModelArn": MODEL_ARN, "CreationTime": "2026-11-26"}
     )
     sm.add_response("describe_endpoint_config", config_reply(config, "ml.g5.2xlarge"))
     sm.add_response("describe_endpoint", endpoint(status, config, "driver mismatch"))
     with pytest.raises(promote.PromoteError, match=f"{status} .driver mismatch"):
-        promoter.ensure_endpoint(IMAGE)
+        promoter.ensure_endpoint(IMAGE, AMI_13)
     assert promoter.mutating_operations == []
 
 
@@ -586,7 +621,7 @@ def test_a_failed_instance_type_change_gives_the_old_config_its_autoscaling_back
     scaling.add_response("describe_scaling_policies", {"ScalingPolicies": []})
     scaling.add_response("put_scaling_policy", {"PolicyARN": POLICY_ARN, "Alarms": []})
     with pytest.raises(promote.PromoteError, match="capacity"):
-        promoter.ensure_endpoint(IMAGE)
+        promoter.ensure_endpoint(IMAGE, AMI_13)
     assert promoter.mutating_operations[-2:] == ["RegisterScalableTarget", "PutScalingPolicy"]
     scaling.assert_no_pending_responses()
 
@@ -609,3 +644,289 @@ def test_flags_go_before_or_after_the_subcommand(store, capsys):
     ):
         assert promote.main(order) == 0
         assert "would create endpoint config" in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------------------------------------
+# The driver: InferenceAmiVersion matched to the image's torch CUDA build
+
+
+def test_the_ami_table_agrees_with_botocore():
+    """Every AMI is one of botocore's InferenceAmiVersion values, with the driver and CUDA
+    that botocore's documentation of the shape gives it."""
+    import botocore.session
+
+    shape = (
+        botocore.session.get_session()
+        .get_service_model("sagemaker")
+        .shape_for("ProductionVariant")
+        .members["InferenceAmiVersion"]
+    )
+    text = re.sub(r"<[^>]+>", " ", shape.documentation)
+    documented = {
+        name: (int(driver), cuda)
+        for name, driver, cuda in re.findall(
+            r"(al2\S*-gpu-[\d-]+)\s+Accelerator: GPU\s+NVIDIA driver version: (\d+)\s+"
+            r"CUDA version: ([\d.]+)",
+            text,
+        )
+    }
+    table = promote.load_ami_table()
+    assert {ami.name for ami in table} <= set(shape.enum)
+    for ami in table:
+        assert documented[ami.name] == (ami.driver, ami.cuda), ami.name
+    # what SageMaker's guide documents for gpu-2; the others are marked as assumptions
+    (gpu2,) = [ami for ami in table if ami.name == AMI_12]
+    assert gpu2.families_documented
+    assert set(gpu2.instance_families) == {"g4dn", "g5", "g6", "p3", "p4d", "p4de", "p5"}
+
+
+def fresh_endpoint_calls(sm: Stubber, settings: promote.Settings, ami: str) -> None:
+    """No model, config or endpoint yet: create all three; CreateEndpointConfig must carry
+    `ami` as the variant's InferenceAmiVersion."""
+    model = promote.model_name(settings, IMAGE)
+    config = promote.config_name(settings, model, ami)
+    missing = ("ValidationException", "Could not find it", 400)
+    sm.add_client_error("describe_model", *missing)
+    sm.add_response("create_model", {"ModelArn": MODEL_ARN})
+    sm.add_client_error("describe_endpoint_config", *missing)
+    sm.add_response(
+        "create_endpoint_config",
+        {"EndpointConfigArn": f"arn:aws:sagemaker:us-east-1:123456789012:endpoint-config/{config}"},
+        {
+            "EndpointConfigName": config,
+            "ProductionVariants": [
+                {
+                    "VariantName": "AllTraffic",
+                    "ModelName": model,
+                    "InstanceType": settings.instance_type,
+                    "InitialInstanceCount": 1,
+                    "InferenceAmiVersion": ami,
+                }
+            ],
+            "Tags": [{"Key": "mmekit:endpoint", "Value": "mmekit"}],
+        },
+    )
+    sm.add_client_error("describe_endpoint", *missing)
+    sm.add_response("create_endpoint", {"EndpointArn": ENDPOINT_ARN})
+    sm.add_response("describe_endpoint", endpoint("InService", config))
+
+
+@pytest.mark.parametrize(
+    ("cuda", "instance_type", "expected"),
+    [
+        ("13.0", "ml.g5.2xlarge", AMI_13),  # the pinned torch on the default instance
+        ("13.0", "ml.g5.48xlarge", AMI_13),
+        ("12.6", "ml.g5.2xlarge", AMI_12),  # a cu126 build runs on driver 535
+        ("12.4", "ml.g4dn.xlarge", AMI_12),
+        ("13.0", "ml.g6.xlarge", AMI_13),
+        ("12.1", "ml.p3.2xlarge", AMI_12),
+        ("12.8", "ml.g6e.xlarge", "al2-ami-sagemaker-inference-gpu-3-1"),  # gpu-2 lists no g6e
+    ],
+)
+def test_create_endpoint_config_carries_the_ami_for_the_images_cuda(cuda, instance_type, expected):
+    settings = promote.replace(SETTINGS, instance_type=instance_type, image_cuda=cuda)
+    choice = promote.plan_ami(settings, IMAGE)
+    assert choice.ami.name == expected
+    assert f"CUDA {cuda}" in choice.reason and f"driver >= {mmekit_cuda.min_driver(cuda)}" in (
+        choice.reason
+    )
+    promoter, sm, _ = stubbed(settings)
+    fresh_endpoint_calls(sm, settings, expected)
+    promoter.ensure_endpoint(IMAGE, choice.ami.name)
+    sm.assert_no_pending_responses()
+    assert promoter.mutating_operations == ["CreateModel", "CreateEndpointConfig", "CreateEndpoint"]
+
+
+def test_changing_the_ami_makes_a_new_config_and_an_update_endpoint():
+    old_settings = promote.replace(SETTINGS, image_cuda="13.0")
+    model = promote.model_name(SETTINGS, IMAGE)
+    serving = promote.config_name(old_settings, model, AMI_13)
+    new_settings = promote.replace(SETTINGS, image_cuda="12.6")  # rebuilt with a cu126 torch
+    choice = promote.plan_ami(new_settings, IMAGE)
+    assert choice.ami.name == AMI_12
+    config = promote.config_name(new_settings, model, AMI_12)
+    assert config != serving
+    promoter, sm, _ = stubbed(new_settings)
+    sm.add_response(
+        "describe_model",
+        {"ModelName": model, "ModelArn": MODEL_ARN, "CreationTime": "2026-11-26T00:00:00Z"},
+    )
+    sm.add_client_error("describe_endpoint_config", "ValidationException", "Could not find", 400)
+    sm.add_response(
+        "create_endpoint_config",
+        {"EndpointConfigArn": f"arn:aws:sagemaker:us-east-1:123456789012:endpoint-config/{config}"},
+    )
+    sm.add_response("describe_endpoint", endpoint("InService", serving))
+    sm.add_response("describe_endpoint_config", config_reply(serving, "ml.g5.2xlarge"))
+    sm.add_response(
+        "update_endpoint",
+        {"EndpointArn": ENDPOINT_ARN},
+        {"EndpointName": "mmekit", "EndpointConfigName": config},
+    )
+    sm.add_response("describe_endpoint", endpoint("InService", config))
+    assert promoter.ensure_endpoint(IMAGE, choice.ami.name)["changed"]
+    sm.assert_no_pending_responses()
+    assert promoter.mutating_operations == ["CreateEndpointConfig", "UpdateEndpoint"]
+
+
+def test_the_full_promote_sets_the_ami_on_the_variant(aws, store, image_labels):
+    image_labels[IMAGE_TAG_URI] = "12.4"  # the image's own label decides
+    code, _ = run_promote(store, "--no-smoke", **{"image-cuda": ""})
+    assert code == 0
+    record = json.loads((store.parent / "promotion.json").read_text())
+    assert record["inference_ami_version"] == AMI_12 and record["image_cuda"] == "12.4"
+    sm = boto3.client("sagemaker", region_name="us-east-1")
+    (variant,) = sm.describe_endpoint_config(EndpointConfigName=record["endpoint_config"])[
+        "ProductionVariants"
+    ]
+    assert variant["InferenceAmiVersion"] == AMI_12
+
+
+@pytest.mark.parametrize(
+    ("flags", "label", "says"),
+    [
+        # a CUDA 13 image on a driver-535 AMI
+        (
+            {"inference-ami-version": AMI_12},
+            None,
+            [f"{AMI_12} has NVIDIA driver 535", ">= 580", f"use inference_ami_version {AMI_13}"],
+        ),
+        # an AMI that does not list the instance type
+        (
+            {
+                "image-cuda": "12.4",
+                "inference-ami-version": AMI_12,
+                "instance-type": "ml.g6e.xlarge",
+            },
+            None,
+            [f"{AMI_12} does not list ml.g6e", "change instance_type"],
+        ),
+        # no AMI with a driver for CUDA 13 lists p3 (V100)
+        ({"instance-type": "ml.p3.2xlarge"}, None, ["lists ml.p3", "TORCH_INDEX_URL="]),
+        ({"instance-type": "ml.m5.xlarge"}, None, ["lists ml.m5"]),  # no GPU at all
+        ({"image-cuda": ""}, None, ["CUDA is unknown", 'image_cuda: "13.0"']),
+        ({}, "12.4", ["image_cuda '13.0'", "says CUDA 12.4", "remove image_cuda"]),
+        ({"image-cuda": ""}, "None", ["CPU-only build"]),
+        ({"inference-ami-version": "al2-ami-sagemaker-inference-gpu-9"}, None, ["not in configs"]),
+        ({"image-cuda": "cu130"}, None, ["expected <major>.<minor>"]),
+    ],
+)
+def test_a_combination_that_cannot_run_stops_before_any_call(
+    aws, store, image_labels, monkeypatch, capsys, flags, label, says
+):
+    if label is not None:
+        image_labels[IMAGE_TAG_URI] = label
+    made: list[str] = []
+
+    def counting_factory(service: str, *args, **kwargs):
+        made.append(service)
+        return boto3.client(service, region_name="us-east-1")
+
+    monkeypatch.setattr("scripts.aws.make_client", counting_factory)
+    assert promote.main(argv(store, "run", "--allow-tiny", "--no-smoke", **flags)) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err
+    for text in says:
+        assert text in err
+    assert made == []  # no AWS client at all, so no call that creates anything
+    assert s3_keys() == {}
+    sm = boto3.client("sagemaker", region_name="us-east-1")
+    assert sm.list_models()["Models"] == [] and sm.list_endpoint_configs()["EndpointConfigs"] == []
+
+
+def test_a_known_mismatch_stops_before_the_image_is_built(aws, store, monkeypatch, capsys):
+    monkeypatch.delenv("IMAGE_URI")
+
+    def no_build(*args, **kwargs):
+        raise AssertionError("built an image for a promotion that cannot run")
+
+    monkeypatch.setattr(promote, "build_and_push_image", no_build)
+    flags = {"inference-ami-version": AMI_12}
+    assert promote.main(argv(store, "run", "--allow-tiny", "--no-smoke", **flags)) == 1
+    assert "has NVIDIA driver 535" in capsys.readouterr().err
+
+
+def test_dry_run_says_what_would_stop_a_mismatch(aws, store, capsys, monkeypatch):
+    monkeypatch.setattr("scripts.aws.make_client", lambda *a, **k: pytest.fail("a client"))
+    flags = {"inference-ami-version": AMI_12}
+    assert promote.main(argv(store, "run", "--allow-tiny", "--dry-run", **flags)) == 1
+    out = capsys.readouterr().out
+    assert "inference AMI: none can be chosen" in out
+    assert f"would stop: inference_ami_version {AMI_12} has NVIDIA driver 535" in out
+
+
+def test_image_cuda_in_yaml_must_be_quoted(tmp_path):
+    config = tmp_path / "promote.yaml"
+    config.write_text("image_cuda: 12.10\n")  # YAML: the float 12.1
+    with pytest.raises(promote.PromoteError, match="quoted string"):
+        promote.load_settings(config, {})
+
+
+# ---------------------------------------------------------------------------------------------
+# The smoke test proves the device
+
+
+def png() -> str:
+    buffer = io.BytesIO()
+    Image.new("L", (4, 4)).save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+def smoke_promoter(devices: dict[str, str | None]) -> tuple[promote.Promoter, list]:
+    runtime = boto3.client(
+        "sagemaker-runtime",
+        region_name="us-east-1",
+        aws_access_key_id="x",
+        aws_secret_access_key="y",
+    )
+    stub = Stubber(runtime)
+    artifacts = []
+    for model, device in devices.items():
+        reply: dict = {"generated_image": png(), "scores": [0.1, 0.2, 0.3]}
+        if device is not None:
+            reply["device"] = device
+        data = json.dumps(reply).encode()
+        stub.add_response(
+            "invoke_endpoint",
+            {"Body": StreamingBody(io.BytesIO(data), len(data)), "ContentType": "application/json"},
+        )
+        artifacts.append(promote.Artifact(model, Path(f"{model}.tar.gz"), "ab" * 32, 1, "full"))
+    stub.activate()
+    promoter = promote.Promoter(SETTINGS, client_factory=lambda s: runtime, say=lambda line: None)
+    return promoter, artifacts
+
+
+SMOKE_REQUESTS = {model: {"image": "x"} for model in MODELS}
+
+
+def test_smoke_passes_when_every_model_runs_on_cuda():
+    promoter, artifacts = smoke_promoter({"sam": "cuda:0", "lama": "cuda:0", "sd": "cuda:0"})
+    assert promoter.smoke(artifacts, SMOKE_REQUESTS) == {m: "ok" for m in MODELS}
+
+
+def test_smoke_fails_when_a_model_runs_on_the_cpu():
+    promoter, artifacts = smoke_promoter({"sam": "cuda:0", "lama": "cpu", "sd": "cuda:0"})
+    with pytest.raises(promote.PromoteError, match="not on the GPU") as raised:
+        promoter.smoke(artifacts, SMOKE_REQUESTS)
+    message = str(raised.value)
+    assert f"lama-{'ab' * 6}.tar.gz on cpu" in message and "sam-" not in message
+
+
+def test_smoke_fails_when_a_model_does_not_say_its_device():
+    promoter, artifacts = smoke_promoter({"sam": "cuda:0", "lama": None, "sd": "cuda:0"})
+    with pytest.raises(promote.PromoteError, match="did not report its device"):
+        promoter.smoke(artifacts, SMOKE_REQUESTS)
+
+
+@pytest.mark.parametrize(("cuda", "expected"), [("13.0", AMI_13), ("12.6", AMI_12)])
+def test_every_g5_size_gets_the_ami_the_readme_says(cuda, expected):
+    import yaml
+
+    table = yaml.safe_load((promote.PROJECT_ROOT / "configs" / "instances.yaml").read_text())
+    sizes = [name for name in table["instances"] if name.startswith("ml.g5.")]
+    assert len(sizes) >= 6
+    for size in sizes:
+        settings = promote.replace(SETTINGS, instance_type=size, image_cuda=cuda)
+        assert promote.plan_ami(settings, None).ami.name == expected, size
+    readme = (promote.PROJECT_ROOT / "README.md").read_text()
+    assert f"`{expected}`" in readme

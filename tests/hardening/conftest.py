@@ -19,6 +19,7 @@ from scripts import PROJECT_ROOT
 FIGURES = ("inputs_tried", "faults_injected", "requests_sent", "lost", "server_errors")
 FIGURES_FILE = PROJECT_ROOT / ".mmekit" / "hardening.json"
 _figures: dict[str, dict[str, int]] = defaultdict(lambda: dict.fromkeys(FIGURES, 0))
+_measured: dict[str, list[str]] = defaultdict(list)  # area -> lines, in the order measured
 
 
 class Figures:
@@ -32,6 +33,11 @@ class Figures:
             if name not in FIGURES:
                 raise KeyError(f"unknown figure {name!r}: one of {FIGURES}")
             _figures[self.area][name] += int(value)
+
+    def measured(self, line: str) -> None:
+        """A measurement (a recovery time, a latency, an RSS change) for the session's summary,
+        printed after the table: timings are reported, never asserted beyond behaviour bounds."""
+        _measured[self.area].append(line)
 
 
 @pytest.fixture
@@ -57,5 +63,11 @@ def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Co
     terminalreporter.section("hardening figures")
     for row in cells:
         terminalreporter.write_line("  ".join(c.rjust(w) for c, w in zip(row, widths, strict=True)))
+    if _measured:
+        terminalreporter.section("hardening measurements")
+        for area, lines in _measured.items():
+            for line in lines:
+                terminalreporter.write_line(f"{area}: {line}")
     FIGURES_FILE.parent.mkdir(parents=True, exist_ok=True)
-    FIGURES_FILE.write_text(json.dumps(dict(_figures), indent=2, sort_keys=True) + "\n")
+    summary = {**_figures, "measurements": dict(_measured)}
+    FIGURES_FILE.write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")

@@ -42,7 +42,7 @@ import yaml
 
 from scripts import PROJECT_ROOT, container, examples, serve
 from scripts.serve import NativeRuntime, Ports, free_ports, render_profile, wait_for_token
-from tests.servers import READY_TIMEOUT_S, Server, extract_like_sagemaker
+from tests.servers import Server, emulator_backend, extract_like_sagemaker
 
 # Set in the guarded server's environment: no worker may see any of them.
 SECRETS = {
@@ -286,24 +286,12 @@ def test_every_rendered_listener_is_loopback_and_compose_publishes_on_loopback_o
 @pytest.fixture(scope="module")
 def emulator(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     """The TorchServe behind `make serve-mme`, started by the emulator's own code."""
-    from scripts.mme import start_torchserve
-
     root = tmp_path_factory.mktemp("emulator")
-    log_path = root / "torchserve.log"
-    with open(log_path, "wb") as log:
-        backend = start_torchserve(root, log)
-    server = Server(
-        "mme", backend.ports, backend.runtime.run_dir, backend.models_dir, backend.process,
-        backend.runtime, log_path,
-    )  # fmt: skip
-    try:
-        backend.wait_until_accepting(READY_TIMEOUT_S)
-    except BaseException:
-        print(f"--- emulator's TorchServe log ---\n{server.log_tail(200)}")
-        server.stop()
-        raise
-    yield server
-    server.stop()
+    with emulator_backend(root) as backend:
+        yield Server(
+            "mme", backend.ports, backend.runtime.run_dir, backend.models_dir, backend.process,
+            backend.runtime, root / "torchserve.log",
+        )  # fmt: skip
 
 
 @pytest.fixture(scope="module")

@@ -121,6 +121,10 @@ def test_mixed_load_at_concurrency_16_loses_nothing_and_has_no_5xx(
     )
     for model in models:
         print(f"  {model}: {percentiles([a.seconds for a in ok if a.model == model])}")
+    figures.measured(
+        f"{total} mixed requests at concurrency {CONCURRENCY}: {wall:.0f} s, "
+        f"{len(ok)} answered 200, {percentiles([a.seconds for a in ok])}"
+    )
     lost = [answer for answer in answers if answer.status is None]
     errors = [answer for answer in answers if answer.status is not None and answer.status >= 500]
     others = [answer for answer in answers if answer.status not in (None, 200)]
@@ -176,6 +180,11 @@ def test_a_full_job_queue_is_answered_503_at_once_while_accepted_requests_succee
         f"({percentiles([a.seconds for a in accepted])}), {len(overflow)} answered 503 in "
         f"{overflow_ms} ms (target < {OVERFLOW_TARGET_S * 1000:.0f} ms)"
     )
+    if overflow_ms:
+        figures.measured(
+            f"burst of {BURST} into a queue of {JOB_QUEUE_SIZE}: {len(overflow)} answered 503 "
+            f"in {overflow_ms[0]}-{overflow_ms[-1]} ms, {len(accepted)} accepted"
+        )
     assert len(accepted) + len(overflow) == BURST, [(a.status, a.error) for a in answers]
     assert overflow and accepted
     # the worker's one request and a full queue; the rest overflow

@@ -35,10 +35,9 @@ from scripts.mme import (
     create_app,
     make_s3_client,
     model_name,
-    start_torchserve,
 )
 from scripts.serve import free_ports
-from tests.servers import READY_TIMEOUT_S, Server
+from tests.servers import Server, emulator_backend
 
 ENDPOINT = "mmekit-test"
 MODELS = ("sam.tar.gz", "lama.tar.gz", "sd.tar.gz")
@@ -106,18 +105,8 @@ def serve_endpoint(endpoint: Endpoint) -> Iterator[Emulator]:
 @pytest.fixture(scope="module")
 def backend(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Backend]:
     """The TorchServe behind the emulator, started as `make serve-mme` starts it (keyed)."""
-    root = tmp_path_factory.mktemp("mme-root")
-    log_path = root / "torchserve.log"
-    with open(log_path, "wb") as log:
-        started = start_torchserve(root, log)
-    try:
-        started.wait_until_accepting(READY_TIMEOUT_S)
+    with emulator_backend(tmp_path_factory.mktemp("mme-root")) as started:
         yield started
-    except BaseException:
-        print(f"--- emulator's TorchServe log ---\n{log_path.read_text(errors='replace')[-6000:]}")
-        raise
-    finally:
-        started.stop()
 
 
 def make_endpoint(backend: Backend, source, downloads: Path) -> Endpoint:
