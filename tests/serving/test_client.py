@@ -17,16 +17,18 @@ from scripts import client
 from scripts.examples import BALL_CENTRE, ball_mask, scene
 from scripts.mme import LocalSource
 from scripts.serve import free_ports
-from tests.servers import Server
+from tests.servers import Server, emulator_backend
 from tests.serving.test_mme import Emulator, make_endpoint, serve_endpoint
 
 
 @pytest.fixture(scope="module")
-def emulator(sagemaker_server: Server, served_store: Path, tmp_path_factory) -> Iterator[Emulator]:
-    endpoint = make_endpoint(
-        sagemaker_server, LocalSource(served_store), tmp_path_factory.mktemp("client-downloads")
-    )
-    yield from serve_endpoint(endpoint)
+def emulator(served_store: Path, tmp_path_factory) -> Iterator[Emulator]:
+    """`make serve-mme`: the emulator in front of its own keyed TorchServe."""
+    with emulator_backend(tmp_path_factory.mktemp("client-mme")) as backend:
+        endpoint = make_endpoint(
+            backend, LocalSource(served_store), tmp_path_factory.mktemp("client-downloads")
+        )
+        yield from serve_endpoint(endpoint)
 
 
 @pytest.fixture(scope="module")
