@@ -26,9 +26,10 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from scripts import PROJECT_ROOT
 
@@ -37,6 +38,7 @@ PODMAN_SOCKET = PODMAN_DIR / "podman.sock"
 PODMAN_PID = PODMAN_DIR / "service.pid"
 CONTAINERS_CONF = PODMAN_DIR / "containers.conf"
 DOCKER_SOCKET = Path("/var/run/docker.sock")
+T = TypeVar("T")
 # As root, podman needs no uidmap/slirp4netns/fuse-overlayfs (kernel overlay, CNI bridge);
 # mmdebstrap builds a stand-in base image where no registry answers.
 PODMAN_PACKAGES = ("podman", "runc", "mmdebstrap")
@@ -136,6 +138,23 @@ def find(environ: dict[str, str] | None = None) -> Engine | None:
         if kind is not None:
             return Engine(host, kind, managed=host == f"unix://{PODMAN_SOCKET}")
     return None
+
+
+def ask(question: Callable[[Any], T], timeout: float = 30.0) -> T | None:
+    """`question(client)` put to the engine that answers now; None when none answers, or when
+    it fails meanwhile (the engine went away, the image is not there). For read-only questions:
+    which runtimes, an image's labels, the running containers."""
+    found = find()
+    if found is None:
+        return None
+    try:
+        client = found.client(timeout=timeout)
+        try:
+            return question(client)
+        finally:
+            client.close()
+    except Exception:  # the Docker SDK's errors, and requests' beneath it
+        return None
 
 
 def apt_install(packages: tuple[str, ...]) -> None:

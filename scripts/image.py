@@ -57,38 +57,15 @@ def engine_reachable() -> bool:
 
 def available() -> bool:
     """An engine whose runtimes include NVIDIA's: what the compose runtime needs for a GPU."""
-    found = engine.find()
-    if found is None:
-        return False
-    try:
-        client = found.client(timeout=10)
-        try:
-            runtimes = client.info().get("Runtimes") or {}
-        finally:
-            client.close()
-    except Exception:  # the engine went away between the two calls
-        return False
+    runtimes = engine.ask(lambda client: client.info().get("Runtimes"), timeout=10)
     return isinstance(runtimes, dict) and any("nvidia" in name for name in runtimes)
 
 
 def image_torch_cuda(ref: str) -> str | None:
     """The CUDA_LABEL of a local image; None when no engine answers, or the image or its label
     is missing (an image only in a registry: set image_cuda in configs/promote.yaml)."""
-    import docker
-    import requests
-
-    found = engine.find()
-    if found is None:
-        return None
-    try:
-        client = found.client(timeout=10)
-        try:
-            labels = client.images.get(ref).labels or {}
-        finally:
-            client.close()
-    except (docker.errors.DockerException, requests.RequestException):
-        return None
-    value = labels.get(CUDA_LABEL)
+    labels = engine.ask(lambda client: client.images.get(ref).labels, timeout=10)
+    value = labels.get(CUDA_LABEL) if isinstance(labels, dict) else None
     return str(value).strip() if value is not None else None
 
 

@@ -384,19 +384,11 @@ class ComposeRuntime:
         """The running serving container (a Docker SDK object), if any."""
         from scripts import engine
 
-        found = engine.find()
-        if found is None:
-            return None
-        client = found.client(timeout=30)
-        try:
-            running = client.containers.list(
-                filters={"label": [f"com.docker.compose.project={COMPOSE_PROJECT}",
-                                   f"com.docker.compose.service={COMPOSE_SERVICE}"]}
-            )  # fmt: skip
-        except Exception:  # the engine went away
-            return None
-        finally:
-            client.close()
+        labels = [
+            f"com.docker.compose.project={COMPOSE_PROJECT}",
+            f"com.docker.compose.service={COMPOSE_SERVICE}",
+        ]
+        running = engine.ask(lambda client: client.containers.list(filters={"label": labels}))
         return running[0] if running else None
 
     def running_pid(self) -> int | None:

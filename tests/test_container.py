@@ -635,6 +635,31 @@ def test_available_needs_the_nvidia_runtime(monkeypatch):
     assert image.engine_reachable() is True and image.available() is False
 
 
+def test_a_question_to_the_engine_is_none_when_it_fails_and_the_client_is_closed(monkeypatch):
+    closed = []
+
+    class Client(FakeClient):
+        def close(self) -> None:
+            closed.append(True)
+
+    class Fake(engine.Engine):
+        def client(self, timeout: float = 600.0) -> Client:
+            return Client({})
+
+    found = Fake("unix:///x.sock", "docker", managed=False)
+    monkeypatch.setattr(engine, "find", lambda environ=None: found)
+
+    def missing(client) -> None:
+        raise LookupError("no such image")  # what the SDK raises is an Exception too
+
+    assert engine.ask(lambda client: client.info()) == {"Runtimes": {}}
+    assert engine.ask(missing) is None
+    assert image.image_torch_cuda("mmekit:absent") is None
+    assert len(closed) == 3
+    monkeypatch.setattr(engine, "find", lambda environ=None: None)
+    assert engine.ask(lambda client: client.info()) is None
+
+
 def test_the_build_passes_the_ca_bundle_as_a_secret_and_the_build_arguments(tmp_path):
     bundle = tmp_path / "ca.pem"
     bundle.write_text("not a real bundle")
