@@ -653,6 +653,11 @@ class LruCache:
 
 
 DEVICE_SETTINGS = ("auto", "cpu")  # `device:` under `handler:` in model-config.yaml
+# `cuda_dtype:` under `handler:`: the precision a model runs in on a GPU (CPUs run float32).
+CUDA_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+# `cpu_threads:` under `handler:`: "share" keeps the server's split of the cores between the
+# models (OMP_NUM_THREADS); a number gives this model's worker that many (at most every core).
+CPU_THREADS_SHARE = "share"
 
 
 class DeviceUnavailableError(RuntimeError):
@@ -714,6 +719,39 @@ def read_device_setting(settings: Mapping) -> str:
     if value not in DEVICE_SETTINGS:
         raise ValueError(f"setting device={value!r}: use one of {', '.join(DEVICE_SETTINGS)}")
     return value
+
+
+def read_cuda_dtype(
+    settings: Mapping, default: str, allowed: tuple[str, ...] = tuple(CUDA_DTYPES)
+) -> torch.dtype:
+    """`cuda_dtype:` from the handler settings, one of `allowed`; anything else stops the
+    model at load, naming the setting."""
+    value = settings.get("cuda_dtype", default)
+    if value not in allowed:
+        raise ValueError(f"setting cuda_dtype={value!r}: use one of {', '.join(allowed)}")
+    return CUDA_DTYPES[value]
+
+
+def run_dtype(device: torch.device, cuda_dtype: torch.dtype) -> torch.dtype:
+    """The dtype a model runs in: `cuda_dtype` on a GPU, float32 on a CPU."""
+    return cuda_dtype if device.type == "cuda" else torch.float32
+
+
+def read_cpu_threads(settings: Mapping) -> int | None:
+    """`cpu_threads:` from the handler settings: None for share (the default), else a count."""
+    value = settings.get("cpu_threads", CPU_THREADS_SHARE)
+    if value == CPU_THREADS_SHARE:
+        return None
+    if type(value) is not int or value < 1:
+        raise ValueError(f"setting cpu_threads={value!r}: use share or a whole number >= 1")
+    return value
+
+
+def apply_cpu_threads(wanted: int | None) -> int:
+    """Set this worker's intra-op threads (a count is capped at the cores); returns the count."""
+    if wanted is not None:
+        torch.set_num_threads(max(1, min(wanted, os.cpu_count() or 1)))
+    return torch.get_num_threads()
 
 
 def select_device(gpu_id: Any, wanted: str = "auto") -> tuple[torch.device, str]:
@@ -809,9 +847,11 @@ class EditHandler:
     def initialize(self, context: Any) -> None:
         self.config = handler_context(context)
         name = getattr(context, "model_name", None) or self.config.model_dir.name
+        threads = apply_cpu_threads(read_cpu_threads(self.config.settings))
         logger.info(
-            "model %s: running on %s (%s)", name, self.config.device, self.config.device_reason
-        )
+            "model %s: running on %s (%s), %d CPU thread(s)",
+            name, self.config.device, self.config.device_reason, threads,
+        )  # fmt: skip
         self.image_limits = ImageLimits.from_settings(self.config.settings)
         self.max_response_bytes = int(
             self.config.setting("max_response_bytes", DEFAULT_MAX_RESPONSE_BYTES)

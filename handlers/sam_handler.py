@@ -1,20 +1,30 @@
 """Segment Anything: a click (or a few) on an image -> an object mask.
 
-Request  {"image": b64, "gen_args": {"point_coords": [x, y] | [[x, y], ...],
-          "point_labels": 1 | [1, 0, ...], "dilate_kernel_size": 0, "mask_index": 0-2,
-          "multimask": false}}   (gen_args may also be a JSON string, as the AWS sample sends)
+Request  {"image": b64 | "image_id": id from an earlier response,
+          "gen_args": {"point_coords": [x, y] | [[x, y], ...], "point_labels": 1 | [1, 0, ...],
+          "dilate_kernel_size": 0, "mask_index": 0-2, "multimask": false}}
+          (gen_args may also be a JSON string, as the AWS sample sends)
 Response {"generated_image": b64 PNG (0/255, one channel, input size), "scores": [3 floats],
-          "mask_index": k, "embedding_cache": "hit" | "miss", "masks": [3 x b64] if multimask}
+          "mask_index": k, "embedding_cache": "hit" | "miss", "image_id": id,
+          "masks": [3 x b64] if multimask}
 Without mask_index, the mask is the highest-scoring of the three, or `default_mask_index` in
 model-config.yaml (1 is the AWS sample's masks[1]).
+
+`image_id` names the image's embedding in this worker's cache: a later click may send it
+instead of the image (no upload, decode or hash). The cache is per worker and bounded, so an
+id can be unknown (evicted, restarted, another instance of an endpoint): that is a 400
+`unknown_image_id`, and the client sends the image again.
 """
 
 from __future__ import annotations
 
 import hashlib
+import re
 from dataclasses import dataclass
 
 import numpy as np
+import torch
+from sam_decoder import ClickDecoder, PreparedImage
 
 from mmekit_common import (
     EditHandler,
@@ -27,23 +37,42 @@ from mmekit_common import (
     encode_image,
     mask_to_image,
     read_bool,
+    read_cuda_dtype,
     read_int,
     read_json_object,
-    require,
+    read_settings,
+    run_dtype,
 )
 from mmekit_models import load_sam
+
+IMAGE_ID = re.compile(r"[0-9a-f]{64}")  # the SHA-256 of the decoded pixels, as hex
 
 
 class SamHandler(EditHandler):
     # Request/result types live inside the class: TorchServe wants exactly one class per
     # handler module.
 
+    @dataclass(frozen=True)
+    class Settings:
+        """SAM's knobs under `handler:` in model-config.yaml (default_mask_index, which may be
+        a word or a number, is read by read_default_mask_index)."""
+
+        embedding_cache_size: int = 8  # image embeddings kept for repeat clicks (LRU)
+        max_points: int = 16
+        max_dilate_kernel_size: int = 255
+
+        def check(self) -> None:
+            if self.max_points < 1:
+                raise ValueError("setting max_points must be at least 1")
+            if self.embedding_cache_size < 0:  # 0: no cache (every click encodes)
+                raise ValueError("setting embedding_cache_size must be 0 or more")
+
     @dataclass
     class Request:
         image: np.ndarray | None  # H x W x 3 uint8, RGB; None when `embedding` is known
-        image_key: str  # SHA-256 of the decoded pixels: the embedding cache's key
+        image_key: str  # SHA-256 of the decoded pixels: the embedding cache's key, the image_id
         image_size: tuple[int, int]  # (height, width)
-        embedding: object | None  # SamHandler.Embedding from the cache, taken at decode
+        embedding: PreparedImage | None  # from the cache, taken at decode
         point_coords: np.ndarray  # N x 2 float, (x, y) in input pixels
         point_labels: np.ndarray  # N int, 1 foreground / 0 background
         dilate_kernel_size: int
@@ -52,42 +81,47 @@ class SamHandler(EditHandler):
 
     @dataclass
     class Result:
-        masks: np.ndarray  # 3 x H x W bool
+        masks: dict[int, np.ndarray]  # mask number -> H x W bool: only the ones returned
         scores: list[float]
         mask_index: int
         cache_hit: bool
         multimask: bool
-
-    @dataclass
-    class Embedding:
-        """What SamPredictor.set_image computes: all the decoder needs to answer more clicks."""
-
-        features: object
-        original_size: tuple[int, int]
-        input_size: tuple[int, int]
+        image_id: str
 
     def load(self, config: HandlerContext) -> None:
-        from segment_anything import SamPredictor
-
+        self.settings = read_settings(self.Settings, config.settings)
+        # the image encoder is SAM's cost and memory; the decoder stays float32 everywhere
+        encoder_dtype = run_dtype(config.device, read_cuda_dtype(config.settings, "float32"))
         sam, self.weights_info = load_sam(config.path("weights_dir", "weights"), config.device)
-        self.predictor = SamPredictor(sam)
-        self.embedding_cache = LruCache(config.setting("embedding_cache_size", 8))
+        self.decoder = ClickDecoder(sam, encoder_dtype)
+        self.embedding_cache = LruCache(self.settings.embedding_cache_size)
         # the same file again (a repeat click) -> its pixel key and size, without decoding it
-        self.known_files = LruCache(4 * int(config.setting("embedding_cache_size", 8)))
-        self.max_points = int(config.setting("max_points", 16))
-        self.max_dilate_kernel_size = int(config.setting("max_dilate_kernel_size", 255))
+        self.known_files = LruCache(4 * self.settings.embedding_cache_size)
         self.default_mask_index = read_default_mask_index(config.setting("default_mask_index"))
 
     # -- decode -----------------------------------------------------------------------------
     def decode(self, payload: dict) -> SamHandler.Request:
-        data = decode_base64(require(payload, "image"), "image")
-        image, image_key, image_size, embedding = self._read_image(data)
+        if payload.get("image_id") is not None:
+            if payload.get("image") is not None:
+                raise RequestError(
+                    "conflicting_fields",
+                    "send either 'image' or 'image_id' (from an earlier response), not both",
+                )
+            image, image_key, image_size, embedding = self._known_image(payload["image_id"])
+        elif payload.get("image") is not None:
+            data = decode_base64(payload["image"], "image")
+            image, image_key, image_size, embedding = self._read_image(data)
+        else:
+            raise RequestError(
+                "missing_field",
+                "the request needs the field 'image' (or 'image_id' from an earlier response)",
+            )
         gen_args = read_json_object(payload.get("gen_args"), "gen_args")
         if "point_coords" not in gen_args:
             raise RequestError(
                 "missing_field", "gen_args needs 'point_coords': [x, y] or [[x, y], ...]"
             )
-        point_coords = _read_points(gen_args["point_coords"], self.max_points)
+        point_coords = _read_points(gen_args["point_coords"], self.settings.max_points)
         point_labels = _read_labels(gen_args.get("point_labels", 1), len(point_coords))
         mask_index = gen_args.get("mask_index")
         return self.Request(
@@ -98,13 +132,32 @@ class SamHandler(EditHandler):
             point_coords=point_coords,
             point_labels=point_labels,
             dilate_kernel_size=read_int(
-                gen_args, "dilate_kernel_size", 0, 0, self.max_dilate_kernel_size
+                gen_args, "dilate_kernel_size", 0, 0, self.settings.max_dilate_kernel_size
             ),
             mask_index=None if mask_index is None else read_int(gen_args, "mask_index", 0, 0, 2),
             multimask=read_bool(gen_args, "multimask", False),
         )
 
-    def _read_image(self, data: bytes) -> tuple[np.ndarray | None, str, tuple[int, int], object]:
+    def _known_image(self, image_id: object) -> tuple[None, str, tuple[int, int], PreparedImage]:
+        """An image_id from an earlier response -> its cached embedding: nothing to upload,
+        decode or hash. An id this worker no longer holds is the client's cue to resend."""
+        if not isinstance(image_id, str) or not IMAGE_ID.fullmatch(image_id):
+            raise RequestError(
+                "invalid_image_id",
+                "'image_id' must be the 64-character hex id an earlier SAM response returned",
+            )
+        embedding = self.embedding_cache.get(image_id)
+        if embedding is None:
+            raise RequestError(
+                "unknown_image_id",
+                f"image_id {image_id[:12]}... is not in this server's embedding cache (evicted, "
+                "restarted, or answered by another instance): send the image again",
+            )
+        return None, image_id, embedding.original_size, embedding
+
+    def _read_image(
+        self, data: bytes
+    ) -> tuple[np.ndarray | None, str, tuple[int, int], PreparedImage | None]:
         """Pixels (or the cached embedding), their key and size. A file seen before whose
         embedding is still cached is not decoded again: a repeat click costs a hash of the
         bytes, not an image decode."""
@@ -138,48 +191,38 @@ class SamHandler(EditHandler):
 
     # -- infer ------------------------------------------------------------------------------
     def infer(self, request: SamHandler.Request) -> SamHandler.Result:
-        cache_hit = self._set_image(request)
-        masks, scores, _ = self.predictor.predict(
-            point_coords=request.point_coords,
-            point_labels=request.point_labels,
-            multimask_output=True,
-        )
+        embedding, cache_hit = self._embedding(request)
+        logits, scores = self.decoder.predict(embedding, request.point_coords, request.point_labels)
         index = request.mask_index
         if index is None:
             index = self.default_mask_index
         if index is None:
-            index = int(np.argmax(scores))
-        wanted = range(len(masks)) if request.multimask else [index]
-        masks = masks.copy()
-        for k in wanted:
-            masks[k] = dilate_mask(masks[k], request.dilate_kernel_size)
+            index = int(torch.argmax(scores))
+        # only the masks the response carries are upsampled to full size
+        wanted = range(len(logits)) if request.multimask else [index]
+        masks = {
+            k: dilate_mask(self.decoder.upscale(logits[k], embedding), request.dilate_kernel_size)
+            for k in wanted
+        }
         return self.Result(
             masks=masks,
             scores=[float(score) for score in scores],
             mask_index=index,
             cache_hit=cache_hit,
             multimask=request.multimask,
+            image_id=request.image_key,
         )
 
-    def _set_image(self, request: SamHandler.Request) -> bool:
-        """Point the predictor at the image, from the embedding cache when it has seen it."""
+    def _embedding(self, request: SamHandler.Request) -> tuple[PreparedImage, bool]:
+        """The image's prepared embedding, from the cache when it has seen the image."""
         key = request.image_key
         cached = request.embedding or self.embedding_cache.get(key)
         if cached is not None:
             self.embedding_cache.put(key, cached)  # most recently used again
-            self.predictor.features = cached.features
-            self.predictor.original_size = cached.original_size
-            self.predictor.input_size = cached.input_size
-            self.predictor.is_image_set = True
-            return True
-        self.predictor.set_image(request.image)
-        self.embedding_cache.put(
-            key,
-            self.Embedding(
-                self.predictor.features, self.predictor.original_size, self.predictor.input_size
-            ),
-        )
-        return False
+            return cached, True
+        embedding = self.decoder.encode(request.image)
+        self.embedding_cache.put(key, embedding)
+        return embedding, False
 
     # -- encode -----------------------------------------------------------------------------
     def encode(self, result: SamHandler.Result) -> dict:
@@ -191,10 +234,12 @@ class SamHandler(EditHandler):
             "scores": result.scores,
             "mask_index": result.mask_index,
             "embedding_cache": "hit" if result.cache_hit else "miss",
+            "image_id": result.image_id,
         }
         if result.multimask:
             response["masks"] = [
-                encode_image(mask_to_image(mask), png_level=1) for mask in result.masks
+                encode_image(mask_to_image(result.masks[k]), png_level=1)
+                for k in sorted(result.masks)
             ]
         return response
 

@@ -27,11 +27,13 @@ from mmekit_common import (
     InpaintInputs,
     RequestError,
     composite,
+    read_cuda_dtype,
     read_float,
     read_inpaint_inputs,
     read_int,
     read_json_object,
     read_text,
+    run_dtype,
 )
 from mmekit_models import load_sd
 
@@ -59,9 +61,7 @@ class SdHandler(EditHandler):
     def load(self, config: HandlerContext) -> None:
         self.device = config.device
         # fp16 halves memory and time on a GPU; CPUs run fp32
-        dtype = torch.float32
-        if config.device.type == "cuda":
-            dtype = getattr(torch, str(config.setting("cuda_dtype", "float16")))
+        dtype = run_dtype(config.device, read_cuda_dtype(config.settings, "float16"))
         self.pipeline, self.weights_info = load_sd(
             config.path("weights_dir", "weights"), config.device, dtype
         )

@@ -42,7 +42,13 @@ DEFAULT_STORE = PROJECT_ROOT / "model_store"
 MANIFEST_NAME = "manifest.json"
 HANDLER_FILES = {"sam": "sam_handler.py", "lama": "lama_handler.py", "sd": "sd_handler.py"}
 # Shipped in every archive beside the handler (TorchServe imports them from the archive root).
-SHARED_MODULES = ("mmekit_common.py", "mmekit_cuda.py", "mmekit_models.py", "lama_net.py")
+SHARED_MODULES = (
+    "mmekit_common.py",
+    "mmekit_cuda.py",
+    "mmekit_models.py",
+    "lama_net.py",
+    "sam_decoder.py",
+)
 MODEL_VERSION = "1.0"
 # Level 0 ("stored" deflate blocks: still a valid .tar.gz), by measurement on full-size weights
 # (README, "Archives"): deflate saves only 8-11 % on weights but makes every cold load's

@@ -176,7 +176,7 @@ def model_modules(model: str, handler: Any) -> list:
     import torch
 
     if model == "sam":
-        return [handler.predictor.model]
+        return [handler.decoder.sam]
     if model == "lama":
         return [handler.network]
     components = handler.pipeline.components.values()

@@ -28,7 +28,7 @@ def test_contract_mask_is_single_channel_0_255_at_input_size(sam):
     reply = sam.predict(request(dilate_kernel_size=0))
     assert reply.status == 200 and reply.content_type == "application/json"
     body = reply.json()
-    assert set(body) == {"generated_image", "scores", "mask_index", "embedding_cache"}
+    assert set(body) == {"generated_image", "scores", "mask_index", "embedding_cache", "image_id"}
     mask = mask_of(reply)
     assert mask.shape == (120, 160)
     assert set(np.unique(mask)) <= {0, 255}
@@ -211,7 +211,7 @@ def test_in_a_batch_only_the_bad_request_fails(serve):
 
 def test_weights_come_from_the_tiny_tier(sam):
     assert sam.handler.weights_info["variant"] == "tiny"
-    assert sam.handler.predictor.model.image_encoder.img_size == 128
+    assert sam.handler.decoder.sam.image_encoder.img_size == 128
 
 
 def test_the_aws_samples_masks_1_is_one_setting_away(serve):
