@@ -11,6 +11,10 @@ the token is read from its key file, or MMEKIT_TOKEN), `mme` the local multi-mod
 (`make serve-mme`) and `sagemaker` a real endpoint (name and region from promotion.json, or
 --endpoint/--region), both through boto3's sagemaker-runtime with a TargetModel.
 
+`mmekit segment` remembers the image_id SAM answers (in .mmekit/image-ids.json, the last 32,
+by target and the bytes sent): run again on the same file, it sends only the id and the clicks,
+and the image itself only if the target no longer holds that id.
+
 Exit codes: 0 done, 2 the request cannot be sent as given (e.g. over SageMaker's 6 MB body;
 --max-side N downscales and the result comes back at the original size), 3 the target is not
 reachable, 4 the model refused the request (its message is shown), 5 the target failed.
@@ -20,10 +24,12 @@ from __future__ import annotations
 
 import argparse
 import base64
+import hashlib
 import io
 import json
 import math
 import os
+import re
 import sys
 import threading
 import time
@@ -41,14 +47,20 @@ MAX_BODY_BYTES = 6_291_456  # SageMaker's InvokeEndpoint limit, enforced locally
 PROMOTION_FILE = PROJECT_ROOT / "promotion.json"
 SEND_FORMATS = {"PNG", "JPEG", "WEBP"}  # sent as the file's own bytes when not resized
 NOT_READY_RETRIES = 8  # ModelNotReadyException: a model still loading on an MME
+IMAGE_ID = re.compile(r"[0-9a-f]{64}")  # SAM's image_id: SHA-256 of the pixels it decoded
+UNKNOWN_IMAGE_ID = "unknown_image_id"  # SAM no longer holds the id: send the image again
+IMAGE_IDS_FILE = PROJECT_ROOT / ".mmekit" / "image-ids.json"
+IMAGE_IDS_KEPT = 32  # image_ids `mmekit segment` remembers (the most recent ones)
 
 
 class EditError(Exception):
-    """What went wrong, in one line, and the exit code that says which kind of failure."""
+    """What went wrong, in one line, and the exit code that says which kind of failure;
+    `code` is the model's own error code when it refused with one (e.g. unknown_image_id)."""
 
-    def __init__(self, message: str, exit_code: int = 1) -> None:
+    def __init__(self, message: str, exit_code: int = 1, code: str | None = None) -> None:
         super().__init__(message)
         self.exit_code = exit_code
+        self.code = code
 
 
 # ---------------------------------------------------------------------------------------------
@@ -64,15 +76,18 @@ class Target(Protocol):
 
 
 def refused(status: int, text: str) -> EditError:
-    """A model's 4xx as one line: its JSON message when it has one."""
+    """A model's 4xx as one line: its JSON message when it has one, and its error code."""
+    code = None
     try:
         reply = json.loads(text)
         message = reply.get("message") or reply.get("error") or text
+        code = reply.get("error")
     except (ValueError, AttributeError):
         message = text.strip() or f"HTTP {status}"
+    code = code if isinstance(code, str) else None  # TorchServe's own bodies: an int `code`
     if status >= 500:
-        return EditError(f"the target failed (HTTP {status}): {message}", 5)
-    return EditError(f"refused (HTTP {status}): {message}", 4)
+        return EditError(f"the target failed (HTTP {status}): {message}", 5, code)
+    return EditError(f"refused (HTTP {status}): {message}", 4, code)
 
 
 @dataclass
@@ -419,27 +434,128 @@ def segment(
     points: Sequence[tuple[float, float]],
     labels: Sequence[int] = (),
     dilate: int = 0,
+    image_id: str | None = None,
 ) -> tuple[Image.Image, dict]:
-    """SAM: the mask (at the original size) for clicks given in original pixels."""
+    """SAM: the mask (at the original size) for clicks given in original pixels, and the rest of
+    the reply (its `image_id` names the picture for the next click)."""
+    reply = segment_reply(target, picture, points, labels, dilate, image_id)
+    return to_original_size(decode_image(reply), picture), reply_info(reply)
+
+
+def segment_reply(
+    target: Target,
+    picture: Picture,
+    points: Sequence[tuple[float, float]],
+    labels: Sequence[int] = (),
+    dilate: int = 0,
+    image_id: str | None = None,
+) -> dict:
+    """SAM's reply for clicks given in original pixels. With `image_id` (from an earlier reply
+    for this picture) only the id is sent; a target that no longer holds it (evicted,
+    restarted, another instance) is sent the picture instead, once."""
     if not points:
         raise EditError("give at least one --point X,Y on the object", 2)
     labels = list(labels) or [1] * len(points)
     if len(labels) not in (1, len(points)):
         raise EditError(f"{len(labels)} --label for {len(points)} --point: one per point", 2)
-    scaled = [[x * picture.scale, y * picture.scale] for x, y in points]
-    payload = {
-        "image": b64(picture.data),
-        "gen_args": {
-            "point_coords": scaled,
-            "point_labels": labels if len(labels) > 1 else labels[0],
-            "dilate_kernel_size": max(0, round(dilate * picture.scale)),
-        },
+    gen_args = {
+        "point_coords": [[x * picture.scale, y * picture.scale] for x, y in points],
+        "point_labels": labels if len(labels) > 1 else labels[0],
+        "dilate_kernel_size": max(0, round(dilate * picture.scale)),
     }
-    reply = target.invoke("sam", encode_request(payload, picture))
-    mask = decode_image(reply).convert("L")
+    if image_id is not None:
+        try:
+            return target.invoke(
+                "sam", json.dumps({"image_id": image_id, "gen_args": gen_args}).encode()
+            )
+        except EditError as error:
+            if error.code != UNKNOWN_IMAGE_ID:
+                raise
+    payload = {"image": b64(picture.data), "gen_args": gen_args}
+    return target.invoke("sam", encode_request(payload, picture))
+
+
+def to_original_size(mask: Image.Image, picture: Picture) -> Image.Image:
+    """SAM's mask (the sent picture's size) at the original size, one channel: to_sent_size's
+    way back."""
+    mask = mask.convert("L")
     if picture.scale != 1.0:
         mask = mask.resize(picture.original.size, Image.Resampling.NEAREST)
-    info = {key: value for key, value in reply.items() if key != "generated_image"}
+    return mask
+
+
+def reply_info(reply: dict) -> dict:
+    """Everything in a reply but the image: scores, cache state, image_id..."""
+    return {key: value for key, value in reply.items() if key != "generated_image"}
+
+
+def image_id_of(reply: dict) -> str | None:
+    """The image_id a SAM reply names its image with, if it names it with a well-formed one."""
+    image_id = reply.get("image_id")
+    return image_id if isinstance(image_id, str) and IMAGE_ID.fullmatch(image_id) else None
+
+
+# The image_ids `mmekit segment` was answered, so that running it again on the same file sends
+# only the id: keyed by the target and the SHA-256 of the very bytes that would be sent (which
+# covers the file, --max-side and EXIF rotation at once).
+
+
+@dataclass
+class ImageIds:
+    """A small JSON file of the last IMAGE_IDS_KEPT image_ids, most recent last. Only a cache:
+    a missing or unreadable file is an empty one, and one that cannot be written is skipped."""
+
+    path: Path
+    capacity: int = IMAGE_IDS_KEPT
+
+    @staticmethod
+    def key(target: Target, picture: Picture) -> str:
+        return f"{target.describe()} {hashlib.sha256(picture.data).hexdigest()}"
+
+    def get(self, key: str) -> str | None:
+        return self.read().get(key)
+
+    def put(self, key: str, image_id: str) -> None:
+        entries = self.read()
+        entries.pop(key, None)  # most recent last: the oldest go first
+        entries[key] = image_id
+        kept = dict(list(entries.items())[-self.capacity :])
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            partial = self.path.with_name(f"{self.path.name}.{os.getpid()}.tmp")
+            partial.write_text(json.dumps(kept, indent=1) + "\n")
+            partial.replace(self.path)  # a reader never sees half a file
+        except OSError:
+            pass  # a read-only project: the next run sends the image, as it would anyway
+
+    def read(self) -> dict[str, str]:
+        try:
+            entries = json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            return {}
+        if not isinstance(entries, dict):
+            return {}
+        return {
+            key: value
+            for key, value in entries.items()
+            if isinstance(value, str) and IMAGE_ID.fullmatch(value)
+        }
+
+
+def segment_remembered(
+    target: Target,
+    picture: Picture,
+    points: Sequence[tuple[float, float]],
+    labels: Sequence[int],
+    dilate: int,
+    image_ids: ImageIds,
+) -> tuple[Image.Image, dict]:
+    """segment() with the image_id this target gave for the same bytes last time, if any."""
+    key = image_ids.key(target, picture)
+    mask, info = segment(target, picture, points, labels, dilate, image_ids.get(key))
+    answered = image_id_of(info)
+    if answered is not None:
+        image_ids.put(key, answered)
     return mask, info
 
 
@@ -560,6 +676,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--endpoint", help="mme/sagemaker: endpoint name")
     parser.add_argument("--region", help="sagemaker: AWS region")
     parser.add_argument("--promotion", type=Path, default=PROMOTION_FILE, help=argparse.SUPPRESS)
+    parser.add_argument("--image-ids", type=Path, default=IMAGE_IDS_FILE, help=argparse.SUPPRESS)
     commands = parser.add_subparsers(dest="command", required=True)
 
     def common(sub: argparse.ArgumentParser, with_mask: bool) -> None:
@@ -599,7 +716,10 @@ def run(args: argparse.Namespace) -> str:
     target = make_target(args.target, args.url, args.endpoint, args.region, args.promotion)
     picture = prepare(args.image, args.max_side)
     if args.command == "segment":
-        mask, info = segment(target, picture, args.point, args.label, args.dilate)
+        image_ids = ImageIds(args.image_ids)
+        mask, info = segment_remembered(
+            target, picture, args.point, args.label, args.dilate, image_ids
+        )
         save(mask, args.output)
         return f"wrote {args.output} (mask {mask.width}x{mask.height}) {json.dumps(info)}"
     with progress("segmenting"):

@@ -9,11 +9,17 @@ the AWS credentials; the browser only ever sees images and masks.
 
     GET  /api/samples              ["chelsea", "astronaut"] (skimage.data, offline)
     GET  /api/samples/{name}       the sample as PNG
-    POST /api/segment {"image": b64, "points": [[x, y], ...], "labels": [1, 0, ...], "dilate": n}
-                   -> {"mask": b64 PNG, "embedding_cache": "hit" | "miss", ...}
+    POST /api/segment {"image": b64 | "image_id": id, "points": [[x, y], ...],
+                       "labels": [1, 0, ...], "dilate": n}
+                   -> {"mask": b64 PNG, "image_id": id, "embedding_cache": "hit" | "miss", ...}
     POST /api/erase   {"image": b64, "mask": b64, "dilate": n} -> {"image": b64 PNG}
     POST /api/replace {"image", "mask", "prompt", "negative_prompt", "seed", "steps", "dilate"}
                    -> {"image": b64 PNG, "seed": n}
+
+A click sends the image once: the reply's `image_id` (SAM's name for it) is what later clicks on
+it send instead. The server keeps the last RECENT_PICTURES pictures by id, forwards the id, and
+sends the picture itself when the target no longer holds the id; when this server no longer holds
+it either, /api/segment answers 400 `unknown_image_id` and the page sends the image again.
 
 Errors are JSON {"error": code, "message": what to fix}: 400 for a request that cannot work as
 sent (or that the model refused), 502 when the target is unreachable or failed. Only the
@@ -31,6 +37,8 @@ import math
 import os
 import socket
 import sys
+import threading
+from collections import OrderedDict
 from collections.abc import Callable
 from functools import lru_cache
 from pathlib import Path
@@ -59,6 +67,9 @@ MAX_DILATE = 255  # the handlers' max_dilate_kernel_size
 MAX_STEPS = 100  # SD's max_num_inference_steps
 MAX_SEED = 2**32 - 1
 SAMPLES = ("chelsea", "astronaut")
+# Pictures kept for clicks that send an image_id: as many as SAM's embedding cache holds by
+# default (embedding_cache_size), past which the target would have to see the image again anyway.
+RECENT_PICTURES = 8
 # EditError's exit codes as HTTP: the request as sent (2) or the model's refusal (4) is the
 # user's to fix; an unreachable (3) or failing (5) target is a bad gateway.
 STATUS_BY_EXIT_CODE = {2: 400, 3: 502, 4: 400, 5: 502}
@@ -170,6 +181,21 @@ def read_points(payload: dict) -> tuple[list[tuple[float, float]], list[int]]:
     return parsed, [int(label) for label in labels]
 
 
+def read_image_id(payload: dict) -> str | None:
+    """`image_id` from an earlier /api/segment reply, sent instead of `image`; None if absent."""
+    image_id = payload.get("image_id")
+    if image_id is None:
+        return None
+    if payload.get("image") is not None:
+        raise BadRequest("conflicting_fields", "send either 'image' or 'image_id', not both")
+    if not isinstance(image_id, str) or not client.IMAGE_ID.fullmatch(image_id):
+        raise BadRequest(
+            "invalid_image_id",
+            "'image_id' must be the 64-character hex id an earlier /api/segment reply returned",
+        )
+    return image_id
+
+
 def is_number(value: Any) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
@@ -179,19 +205,66 @@ def png_base64(image: Image.Image) -> str:
     return base64.b64encode(client.png_bytes(image)).decode("ascii")
 
 
+def mask_for_page(reply: dict, picture: Picture) -> tuple[str, tuple[int, int]]:
+    """SAM's mask as base64 PNG at the original size, and that size. When SAM's PNG is that
+    already (the picture was not downscaled) it is passed through: decoding and encoding it
+    again costs milliseconds a click on a photo. Opening it reads only its header."""
+    mask = client.decode_image(reply)
+    if mask.format == "PNG" and mask.mode == "L" and mask.size == picture.original.size:
+        return reply["generated_image"], mask.size
+    mask = client.to_original_size(mask, picture)
+    return png_base64(mask), mask.size
+
+
 # ---------------------------------------------------------------------------------------------
 # The edits: plain functions of (target, payload), run in a worker thread
 
 
+class RecentPictures:
+    """The pictures clicked on lately, by the image_id SAM named them with (least recently used
+    first out): what a click that sends only the id needs for its scale, and to send the
+    picture again should the target have forgotten the id."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self._pictures: OrderedDict[str, Picture] = OrderedDict()
+        self._lock = threading.Lock()  # edits run in Starlette's thread pool
+
+    def get(self, image_id: str) -> Picture | None:
+        with self._lock:
+            picture = self._pictures.get(image_id)
+            if picture is not None:
+                self._pictures.move_to_end(image_id)
+            return picture
+
+    def put(self, image_id: str, picture: Picture) -> None:
+        with self._lock:
+            self._pictures[image_id] = picture
+            self._pictures.move_to_end(image_id)
+            while len(self._pictures) > self.capacity:
+                self._pictures.popitem(last=False)
+
+
 class Editor:
-    """The target and how large an image is sent to it."""
+    """The target, how large an image is sent to it, and the pictures clicked on lately."""
 
     def __init__(self, target: Target, max_side: int | None = None) -> None:
         self.target = target
         self.max_side = max_side
+        self.recent = RecentPictures(RECENT_PICTURES)
 
     def picture(self, payload: dict) -> Picture:
         return client.prepare(decode_base64(payload, "image"), self.max_side)
+
+    def known_picture(self, image_id: str) -> Picture:
+        picture = self.recent.get(image_id)
+        if picture is None:
+            raise BadRequest(
+                "unknown_image_id",
+                f"image_id {image_id[:12]}... is not one this editor holds (evicted, or the "
+                "editor restarted): send the image again",
+            )
+        return picture
 
     def mask(self, payload: dict, picture: Picture) -> Image.Image:
         mask_bytes = decode_base64(payload, "mask")
@@ -200,10 +273,14 @@ class Editor:
     def segment(self, payload: dict) -> dict:
         points, labels = read_points(payload)
         dilate = read_int(payload, "dilate", 0, 0, MAX_DILATE)
-        picture = self.picture(payload)
-        mask, info = client.segment(self.target, picture, points, labels, dilate)
-        width, height = mask.size
-        return {**info, "mask": png_base64(mask), "width": width, "height": height}
+        image_id = read_image_id(payload)
+        picture = self.picture(payload) if image_id is None else self.known_picture(image_id)
+        reply = client.segment_reply(self.target, picture, points, labels, dilate, image_id)
+        named = client.image_id_of(reply)
+        if named is not None:
+            self.recent.put(named, picture)
+        mask, (width, height) = mask_for_page(reply, picture)
+        return {**client.reply_info(reply), "mask": mask, "width": width, "height": height}
 
     def erase(self, payload: dict) -> dict:
         dilate = read_int(payload, "dilate", 0, 0, MAX_DILATE)

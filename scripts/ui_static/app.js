@@ -9,7 +9,7 @@ const MASK_TINT = [37, 99, 235, 130]; // RGBA of the selected region over the ph
 const CLEAR = [0, 0, 0, 0];
 
 const state = {
-  image: null, // {name, dataUrl, b64, width, height}: what is being edited
+  image: null, // {name, dataUrl, b64, width, height, id}: what is being edited
   points: [], // [{x, y, label}] in image pixels; label 1 object, 0 background
   mask: null, // base64 PNG from /api/segment (already grown by the slider)
   maskTicket: 0, // only the latest mask request may update the page
@@ -58,7 +58,9 @@ async function postJson(path, body) {
     reply = null;
   }
   if (!response.ok) {
-    throw new Error(reply && reply.message ? reply.message : `HTTP ${response.status}`);
+    const error = new Error(reply && reply.message ? reply.message : `HTTP ${response.status}`);
+    error.code = reply ? reply.error : undefined; // e.g. unknown_image_id: send the image again
+    throw error;
   }
   if (!reply) throw new Error("The server answered something other than JSON.");
   return reply;
@@ -93,6 +95,7 @@ async function openImage(dataUrl, name) {
     b64: dataUrl.slice(dataUrl.indexOf(",") + 1),
     width: picture.naturalWidth,
     height: picture.naturalHeight,
+    id: null, // SAM's image_id once a click has sent the image: later clicks send only this
   };
   state.points = [];
   for (const canvas of [$("canvas"), $("mask-overlay")]) {
@@ -201,6 +204,28 @@ async function drawMask(b64) {
   return selected / (overlay.width * overlay.height);
 }
 
+function segmentRequest(image, points, dilate) {
+  const body = {
+    points: points.map((point) => [point.x, point.y]),
+    labels: points.map((point) => point.label),
+    dilate,
+  };
+  if (image.id) body.image_id = image.id;
+  else body.image = image.b64;
+  return body;
+}
+
+async function segment(image, points, dilate) {
+  try {
+    return await postJson("/api/segment", segmentRequest(image, points, dilate));
+  } catch (error) {
+    if (error.code !== "unknown_image_id" || !image.id) throw error;
+    // the server no longer holds the image (restarted, or many images since): send it, once
+    image.id = null;
+    return await postJson("/api/segment", segmentRequest(image, points, dilate));
+  }
+}
+
 async function requestMask() {
   clearMask();
   updateButtons();
@@ -209,18 +234,18 @@ async function requestMask() {
     return;
   }
   const ticket = state.maskTicket;
+  const image = state.image; // a new image while this click is answered gets its own id
+  const clicked = performance.now();
   setBusy("Finding the object…");
   try {
-    const reply = await postJson("/api/segment", {
-      image: state.image.b64,
-      points: state.points.map((point) => [point.x, point.y]),
-      labels: state.points.map((point) => point.label),
-      dilate: Number($("dilate").value),
-    });
+    const reply = await segment(image, [...state.points], Number($("dilate").value));
+    if (reply.image_id) image.id = reply.image_id;
     if (ticket !== state.maskTicket) return; // a newer click asked for another mask
     const coverage = await drawMask(reply.mask);
     if (ticket !== state.maskTicket) return;
     state.mask = coverage > 0 ? reply.mask : null;
+    // milliseconds from the click to the overlay drawn (read by tests/serving/test_ui.py)
+    $("mask-overlay").dataset.drawnMs = (performance.now() - clicked).toFixed(1);
     $("mask-overlay").dataset.ready = "true";
     const cache = reply.embedding_cache ? ` (image embedding cache: ${reply.embedding_cache})` : "";
     if (coverage > 0) {

@@ -4,6 +4,7 @@ erase flow against the real local TorchServe, and the page itself driven in Debi
 from __future__ import annotations
 
 import base64
+import hashlib
 import io
 import json
 import threading
@@ -19,7 +20,7 @@ from PIL import Image, ImageDraw, ImageFilter
 from starlette.testclient import TestClient
 
 from scripts import ui
-from scripts.client import EditError, LocalTarget, png_bytes
+from scripts.client import IMAGE_ID, UNKNOWN_IMAGE_ID, EditError, LocalTarget, png_bytes, refused
 from scripts.serve import free_ports
 from tests.servers import Server
 
@@ -42,14 +43,25 @@ def gradient(width: int = 64, height: int = 48) -> Image.Image:
     return Image.fromarray(np.stack([ramp, ramp[::-1], np.full_like(ramp, 90)], axis=2))
 
 
+def sam_png(mask: Image.Image) -> bytes:
+    """A mask PNG as the SAM handler writes it (zlib level 1): other bytes than png_bytes'."""
+    buffer = io.BytesIO()
+    mask.save(buffer, format="PNG", compress_level=1)
+    return buffer.getvalue()
+
+
 class FakeTarget:
-    """SAM answers a square around the first click; LaMa and SD black out the mask."""
+    """SAM answers a square around the first click, and an image_id it keeps the image under
+    (`images`, its embedding cache: clear it to have it forget); LaMa and SD black out the
+    mask."""
 
     name = "fake"
 
     def __init__(self, error: EditError | None = None) -> None:
         self.error = error
         self.calls: list[tuple[str, dict]] = []
+        self.images: dict[str, Image.Image] = {}
+        self.masks: list[str] = []  # the generated_image of every SAM reply
 
     def describe(self) -> str:
         return "an in-memory fake"
@@ -59,19 +71,32 @@ class FakeTarget:
         self.calls.append((model, payload))
         if self.error is not None:
             raise self.error
-        image = image_from_b64(payload["image"]).convert("RGB")
         if model == "sam":
-            x, y = payload["gen_args"]["point_coords"][0]
-            mask = Image.new("L", image.size, 0)
-            ImageDraw.Draw(mask).rectangle([x - 5, y - 5, x + 5, y + 5], fill=255)
-            cache = "hit" if len(self.calls) > 1 else "miss"
-            return {"generated_image": b64(png_bytes(mask)), "embedding_cache": cache}
+            return self.segment(payload)
+        image = image_from_b64(payload["image"]).convert("RGB")
         mask = image_from_b64(payload["mask_image"]).convert("L")
         image.paste((0, 0, 0), mask=mask)
         reply = {"generated_image": b64(png_bytes(image))}
         if model == "sd":
             reply["seed"] = payload["gen_args"].get("seed", 1234)
         return reply
+
+    def segment(self, payload: dict) -> dict:
+        if "image_id" in payload:
+            image = self.images.get(payload["image_id"])
+            if image is None:
+                error = {"error": UNKNOWN_IMAGE_ID, "message": "send the image again"}
+                raise refused(400, json.dumps(error))
+        else:
+            image = image_from_b64(payload["image"]).convert("RGB")
+        image_id = hashlib.sha256(image.tobytes()).hexdigest()
+        self.images[image_id] = image
+        x, y = payload["gen_args"]["point_coords"][0]
+        mask = Image.new("L", image.size, 0)
+        ImageDraw.Draw(mask).rectangle([x - 5, y - 5, x + 5, y + 5], fill=255)
+        self.masks.append(b64(sam_png(mask)))
+        cache = "hit" if len(self.calls) > 1 else "miss"
+        return {"generated_image": self.masks[-1], "embedding_cache": cache, "image_id": image_id}
 
 
 @pytest.fixture
@@ -139,6 +164,69 @@ def test_segment_returns_the_mask_and_the_cache_state(api: TestClient, fake: Fak
     assert gen_args["dilate_kernel_size"] == 3
 
 
+def test_a_second_click_sends_the_image_id_and_gets_the_same_mask(api, fake: FakeTarget):
+    click = {"points": [[20, 30]], "labels": [1], "dilate": 3}
+    first = api.post("/api/segment", json={"image": b64(png_bytes(gradient())), **click})
+    assert first.status_code == 200, first.text
+    image_id = first.json()["image_id"]
+    again = api.post("/api/segment", json={"image_id": image_id, **click})
+    assert again.status_code == 200, again.text
+    assert again.json()["image_id"] == image_id
+    assert again.json()["mask"] == first.json()["mask"]
+    assert (again.json()["width"], again.json()["height"]) == (64, 48)
+    (_, to_target) = fake.calls[-1]
+    assert to_target == {"image_id": image_id, "gen_args": fake.calls[0][1]["gen_args"]}
+
+
+def test_an_image_id_the_target_forgot_is_answered_by_sending_the_picture(api, fake):
+    image = b64(png_bytes(gradient()))
+    first = api.post("/api/segment", json={"image": image, "points": [[20, 30]]}).json()
+    fake.images.clear()  # evicted, or the server restarted
+    again = api.post("/api/segment", json={"image_id": first["image_id"], "points": [[20, 30]]})
+    assert again.status_code == 200, again.text
+    assert [sorted(payload) for _, payload in fake.calls] == [
+        ["gen_args", "image"], ["gen_args", "image_id"], ["gen_args", "image"],
+    ]  # fmt: skip
+    assert fake.calls[2][1]["image"] == image  # the picture the editor kept, as first sent
+    assert again.json()["mask"] == first["mask"] and again.json()["image_id"] == first["image_id"]
+
+
+def test_an_image_id_the_editor_does_not_hold_is_a_400_that_asks_for_the_image(api, fake):
+    reply = api.post("/api/segment", json={"image_id": "0" * 64, "points": [[1, 1]]})
+    assert reply.status_code == 400
+    assert reply.json()["error"] == "unknown_image_id"
+    assert "send the image again" in reply.json()["message"]
+    assert fake.calls == []
+
+
+def test_the_editor_keeps_only_the_most_recent_pictures(fake: FakeTarget, monkeypatch):
+    monkeypatch.setattr(ui, "RECENT_PICTURES", 2)
+    api = TestClient(ui.create_app(fake), base_url=LOOPBACK)
+    ids = []
+    for width in (30, 31, 32):
+        body = {"image": b64(png_bytes(gradient(width))), "points": [[1, 1]]}
+        ids.append(api.post("/api/segment", json=body).json()["image_id"])
+    answers = [
+        api.post("/api/segment", json={"image_id": image_id, "points": [[1, 1]]}).status_code
+        for image_id in ids
+    ]
+    assert answers == [400, 200, 200]  # the oldest picture made room
+
+
+def test_sams_png_is_passed_through_unless_the_picture_was_downscaled(fake: FakeTarget):
+    body = {"image": b64(png_bytes(gradient())), "points": [[20, 30]]}
+    as_is = TestClient(ui.create_app(fake), base_url=LOOPBACK).post("/api/segment", json=body)
+    assert as_is.json()["mask"] == fake.masks[-1]  # SAM's own bytes: not decoded and re-encoded
+    assert fake.masks[-1] != ui.png_base64(image_from_b64(fake.masks[-1]))  # as a re-encode is
+    downscaled = TestClient(ui.create_app(fake, max_side=32), base_url=LOOPBACK)
+    reply = downscaled.post("/api/segment", json=body).json()
+    assert fake.calls[-1][1]["gen_args"]["point_coords"] == [[10.0, 15.0]]
+    assert image_from_b64(fake.masks[-1]).size == (32, 24)
+    mask = image_from_b64(reply["mask"])
+    assert (reply["width"], reply["height"]) == mask.size == (64, 48)
+    assert mask.getpixel((20, 30)) == 255 and mask.getpixel((50, 5)) == 0
+
+
 def test_erase_changes_only_the_masked_pixels(api: TestClient):
     image, mask = gradient(), square_mask((64, 48), (10, 10, 20, 20))
     reply = api.post("/api/erase", json=edit_body(image, mask))
@@ -167,6 +255,22 @@ BAD_REQUESTS = {
     "no points": ("/api/segment", {**POINT, "points": []}, "missing_points"),
     "bad point": ("/api/segment", {**POINT, "points": [[1, "x"]]}, "invalid_points"),
     "bad label": ("/api/segment", {**POINT, "labels": [2]}, "invalid_labels"),
+    "image and id": ("/api/segment", {**POINT, "image_id": "0" * 64}, "conflicting_fields"),
+    "bad image id": (
+        "/api/segment",
+        {"image_id": "0" * 63, "points": [[1, 1]]},
+        "invalid_image_id",
+    ),
+    "image id not text": (
+        "/api/segment",
+        {"image_id": [1], "points": [[1, 1]]},
+        "invalid_image_id",
+    ),
+    "unknown image id": (
+        "/api/segment",
+        {"image_id": "0" * 64, "points": [[1, 1]]},
+        "unknown_image_id",
+    ),
     "dilate true": ("/api/erase", {"image": HI, "mask": HI, "dilate": True}, "invalid_dilate"),
     "no prompt": ("/api/replace", {"image": HI, "mask": HI, "prompt": " "}, "missing_prompt"),
     "no mask": ("/api/erase", {"image": b64(png_bytes(gradient()))}, "missing_mask"),
@@ -360,13 +464,18 @@ def test_the_page_erases_a_clicked_object(local_app, tmp_path: Path):
             page = browser.new_page(viewport={"width": 1200, "height": 900})
             page.set_default_timeout(60_000)
             page.on("pageerror", lambda error: errors.append(str(error)))
+            segments = record_segment_requests(page)
             page.goto(url)
             page.select_option("#sample-select", "chelsea")
             page.locator('#image[data-ready="true"]').wait_for()
             box = page.locator("#canvas").bounding_box()
-            page.click("#canvas", position={"x": box["width"] / 2, "y": box["height"] / 2})
-            page.locator('#mask-overlay[data-ready="true"]').wait_for()
-            overlay = page.evaluate("document.getElementById('mask-overlay').toDataURL()")
+            centre = {"x": box["width"] / 2, "y": box["height"] / 2}
+            first_ms, first_overlay = click_until_masked(page, centre)
+            page.click("#undo-point")
+            repeat_ms, overlay = click_until_masked(page, centre)
+            print(f"click -> overlay drawn: first {first_ms} ms, repeat (image_id) {repeat_ms} ms")
+            page.click("#undo-point")
+            resent = resend_when_the_id_is_unknown(page, centre)
             page.click("#erase")
             page.locator('#result[data-ready="true"]').wait_for()
             result = image_from_b64(page.evaluate("document.getElementById('result').src"))
@@ -380,6 +489,15 @@ def test_the_page_erases_a_clicked_object(local_app, tmp_path: Path):
         finally:
             browser.close()
     assert errors == []
+    first, repeat, *_ = segments
+    assert "image" in first and "image_id" not in first
+    assert "image" not in repeat and IMAGE_ID.fullmatch(repeat["image_id"])
+    assert repeat["points"] == first["points"]
+    assert overlay == first_overlay  # the same mask, from the id alone
+    assert resent == [
+        ["dilate", "image_id", "labels", "points"],
+        ["dilate", "image", "labels", "points"],
+    ]
     mask = np.array(image_from_b64(overlay))[..., 3] > 0  # the tint's alpha is the mask
     assert mask.any(), status
     assert result.size == original.size
@@ -389,6 +507,46 @@ def test_the_page_erases_a_clicked_object(local_app, tmp_path: Path):
     assert status.startswith("Done")
     assert refusal == "cannot reach the target: is it running?"
     assert opened_width == 64
+
+
+def record_segment_requests(page) -> list[dict]:
+    """The bodies the page posts to /api/segment, in order."""
+    bodies: list[dict] = []
+
+    def record(request) -> None:
+        if request.url.endswith("/api/segment"):
+            bodies.append(request.post_data_json)
+
+    page.on("request", record)
+    return bodies
+
+
+def click_until_masked(page, position: dict) -> tuple[str, str]:
+    """Click, wait for the overlay: the page's own click -> drawn time (ms), and the overlay."""
+    page.click("#canvas", position=position)
+    page.locator('#mask-overlay[data-ready="true"]').wait_for()
+    drawn_ms = page.get_attribute("#mask-overlay", "data-drawn-ms")
+    return drawn_ms, page.evaluate("document.getElementById('mask-overlay').toDataURL()")
+
+
+def resend_when_the_id_is_unknown(page, position: dict) -> list[list[str]]:
+    """The fields of each /api/segment request for one click while the editor answers every
+    image_id with 400 unknown_image_id (as after a restart): the page sends the image again."""
+    forgotten = {"error": "unknown_image_id", "message": "send the image again"}
+    fields: list[list[str]] = []
+
+    def answer(route) -> None:
+        body = route.request.post_data_json
+        fields.append(sorted(body))
+        if "image_id" not in body:
+            route.continue_()
+            return
+        route.fulfill(status=400, content_type="application/json", body=json.dumps(forgotten))
+
+    page.route("**/api/segment", answer)
+    click_until_masked(page, position)
+    page.unroute("**/api/segment")
+    return fields
 
 
 def show_a_server_error(page) -> str:
