@@ -20,6 +20,7 @@ import logging
 import math
 import os
 import re
+import zlib
 from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -475,8 +476,20 @@ def refuse_unfittable(size: tuple[int, int], response_bytes: int) -> None:
         )
 
 
-def mask_to_image(mask: np.ndarray) -> Image.Image:
-    """bool mask -> single-channel 0/255 image."""
+def encode_mask(mask: np.ndarray, bits: int = 8) -> str:
+    """base64 of a bool mask as a one-channel PNG (mask_to_image). A mask is long runs of one
+    value: zlib level 1 with run-length matching only (Z_RLE) is as fast as level 1's default
+    strategy and a quarter to a half smaller (measured on SAM's masks, README "Measure")."""
+    buffer = io.BytesIO()
+    mask_to_image(mask, bits).save(buffer, format="PNG", compress_level=1, compress_type=zlib.Z_RLE)
+    return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def mask_to_image(mask: np.ndarray, bits: int = 8) -> Image.Image:
+    """bool mask -> single-channel image: 8 bits, 0/255 (mode L); or 1 bit (mode 1), which
+    shows and converts as 0/255 too, at half the PNG encode time and size."""
+    if bits == 1:
+        return Image.fromarray(np.ascontiguousarray(mask, dtype=bool))  # a bool array: mode 1
     return Image.fromarray(mask.astype(np.uint8) * 255, mode="L")
 
 

@@ -49,6 +49,14 @@ class PreparedImage:
     first_queries: Tensor  # layer 0's image -> token query projection of keys + positions
 
 
+@dataclass
+class ClickTokens:
+    """The two-way transformer's output for one click: what every mask is computed from."""
+
+    queries: Tensor  # 1 x tokens x C: the IoU token, the 4 mask tokens, the prompt tokens
+    keys: Tensor  # 1 x hw x C: the image tokens after attending to the prompt
+
+
 class ClickDecoder:
     """SAM's prompt encoder + mask decoder for one image at a time, without redundant work."""
 
@@ -105,6 +113,15 @@ class ClickDecoder:
     ) -> tuple[Tensor, Tensor]:
         """Clicks in input pixels -> (3 x h' x w' low-resolution mask logits, 3 predicted IoUs),
         as SamPredictor.predict(multimask_output=True) computes them before upsampling."""
+        tokens, scores = self.predict_tokens(image, point_coords, point_labels)
+        return self.mask_logits(image, tokens, [0, 1, 2]), scores
+
+    @torch.inference_mode()
+    def predict_tokens(
+        self, image: PreparedImage, point_coords: np.ndarray, point_labels: np.ndarray
+    ) -> tuple[ClickTokens, Tensor]:
+        """The transformer's part of predict, and the 3 predicted IoUs: enough to choose a
+        mask before any mask is computed."""
         coords = self.transform.apply_coords(point_coords, image.original_size)
         points = torch.as_tensor(coords, dtype=torch.float, device=self.device)[None]
         labels = torch.as_tensor(point_labels, dtype=torch.int, device=self.device)[None]
@@ -113,14 +130,18 @@ class ClickDecoder:
         output_tokens = torch.cat([decoder.iou_token.weight, decoder.mask_tokens.weight], dim=0)
         tokens = torch.cat((output_tokens[None], sparse), dim=1)
         queries, keys = self._transformer(image, tokens)
-        size = image.features.shape[-2:]
-        hyper_in = torch.stack(
-            [decoder.output_hypernetworks_mlps[i](queries[:, 1 + i, :]) for i in range(1, 4)],
-            dim=1,
-        )[0]  # the three multimask tokens (token 0 is the single-mask output)
-        logits = self._mask_logits(keys[0], hyper_in, size)
         scores = decoder.iou_prediction_head(queries[:, 0, :])[0, 1:4]
-        return logits, scores
+        return ClickTokens(queries, keys), scores
+
+    @torch.inference_mode()
+    def mask_logits(self, image: PreparedImage, tokens: ClickTokens, masks: list[int]) -> Tensor:
+        """The low-resolution logits of the multimask outputs numbered in `masks` (0-2)."""
+        # output token 0 is the single-mask one; the three multimask ones follow it
+        hypernetworks = self.decoder.output_hypernetworks_mlps
+        hyper_in = torch.stack(
+            [hypernetworks[1 + k](tokens.queries[:, 2 + k, :]) for k in masks], dim=1
+        )[0]
+        return self._mask_logits(tokens.keys[0], hyper_in, image.features.shape[-2:])
 
     def upscale(self, logits: Tensor, image: PreparedImage) -> np.ndarray:
         """One low-resolution mask -> the H x W bool mask of the input image
@@ -130,7 +151,10 @@ class ClickDecoder:
             mask = F.interpolate(logits[None, None], (size, size), mode="bilinear",
                                  align_corners=False)  # fmt: skip
             mask = mask[..., : image.input_size[0], : image.input_size[1]]
-            mask = F.interpolate(mask, image.original_size, mode="bilinear", align_corners=False)
+            if image.original_size != image.input_size:  # (at the same size it is the identity)
+                mask = F.interpolate(
+                    mask, image.original_size, mode="bilinear", align_corners=False
+                )
             return (mask[0, 0] > self.sam.mask_threshold).cpu().numpy()
 
     # -- the mask decoder's parts ------------------------------------------------------------

@@ -2,13 +2,15 @@
 
 Request  {"image": b64 | "image_id": id from an earlier response,
           "gen_args": {"point_coords": [x, y] | [[x, y], ...], "point_labels": 1 | [1, 0, ...],
-          "dilate_kernel_size": 0, "mask_index": 0-2, "multimask": false}}
+          "dilate_kernel_size": 0, "mask_index": 0-2, "multimask": false, "mask_bits": 8}}
           (gen_args may also be a JSON string, as the AWS sample sends)
 Response {"generated_image": b64 PNG (0/255, one channel, input size), "scores": [3 floats],
           "mask_index": k, "embedding_cache": "hit" | "miss", "image_id": id,
           "masks": [3 x b64] if multimask}
 Without mask_index, the mask is the highest-scoring of the three, or `default_mask_index` in
-model-config.yaml (1 is the AWS sample's masks[1]).
+model-config.yaml (1 is the AWS sample's masks[1]). "mask_bits": 1 asks for 1-bit PNGs: the
+same 0/255 mask once converted (Pillow opens it in mode "1"), about half the encode time; the
+editor asks for them.
 
 `image_id` names the image's embedding in this worker's cache: a later click may send it
 instead of the image (no upload, decode or hash). The cache is per worker and bounded, so an
@@ -34,8 +36,7 @@ from mmekit_common import (
     decode_base64,
     decode_image,
     dilate_mask,
-    encode_image,
-    mask_to_image,
+    encode_mask,
     read_bool,
     read_cuda_dtype,
     read_int,
@@ -78,6 +79,7 @@ class SamHandler(EditHandler):
         dilate_kernel_size: int
         mask_index: int | None
         multimask: bool
+        mask_bits: int  # the PNG's bit depth: 8 (0/255) or 1
 
     @dataclass
     class Result:
@@ -87,6 +89,7 @@ class SamHandler(EditHandler):
         cache_hit: bool
         multimask: bool
         image_id: str
+        mask_bits: int
 
     def load(self, config: HandlerContext) -> None:
         self.settings = read_settings(self.Settings, config.settings)
@@ -136,6 +139,7 @@ class SamHandler(EditHandler):
             ),
             mask_index=None if mask_index is None else read_int(gen_args, "mask_index", 0, 0, 2),
             multimask=read_bool(gen_args, "multimask", False),
+            mask_bits=_read_mask_bits(gen_args),
         )
 
     def _known_image(self, image_id: object) -> tuple[None, str, tuple[int, int], PreparedImage]:
@@ -192,17 +196,20 @@ class SamHandler(EditHandler):
     # -- infer ------------------------------------------------------------------------------
     def infer(self, request: SamHandler.Request) -> SamHandler.Result:
         embedding, cache_hit = self._embedding(request)
-        logits, scores = self.decoder.predict(embedding, request.point_coords, request.point_labels)
+        tokens, scores = self.decoder.predict_tokens(
+            embedding, request.point_coords, request.point_labels
+        )
         index = request.mask_index
         if index is None:
             index = self.default_mask_index
         if index is None:
             index = int(torch.argmax(scores))
-        # only the masks the response carries are upsampled to full size
-        wanted = range(len(logits)) if request.multimask else [index]
+        # only the masks the response carries are computed and upsampled to full size
+        wanted = [0, 1, 2] if request.multimask else [index]
+        logits = self.decoder.mask_logits(embedding, tokens, wanted)
         masks = {
-            k: dilate_mask(self.decoder.upscale(logits[k], embedding), request.dilate_kernel_size)
-            for k in wanted
+            k: dilate_mask(self.decoder.upscale(mask, embedding), request.dilate_kernel_size)
+            for k, mask in zip(wanted, logits, strict=True)
         }
         return self.Result(
             masks=masks,
@@ -211,6 +218,7 @@ class SamHandler(EditHandler):
             cache_hit=cache_hit,
             multimask=request.multimask,
             image_id=request.image_key,
+            mask_bits=request.mask_bits,
         )
 
     def _embedding(self, request: SamHandler.Request) -> tuple[PreparedImage, bool]:
@@ -227,10 +235,7 @@ class SamHandler(EditHandler):
     # -- encode -----------------------------------------------------------------------------
     def encode(self, result: SamHandler.Result) -> dict:
         response = {
-            # masks are long runs of 0 and 255: zlib level 1 is ~4x faster and as small
-            "generated_image": encode_image(
-                mask_to_image(result.masks[result.mask_index]), png_level=1
-            ),
+            "generated_image": encode_mask(result.masks[result.mask_index], result.mask_bits),
             "scores": result.scores,
             "mask_index": result.mask_index,
             "embedding_cache": "hit" if result.cache_hit else "miss",
@@ -238,8 +243,7 @@ class SamHandler(EditHandler):
         }
         if result.multimask:
             response["masks"] = [
-                encode_image(mask_to_image(result.masks[k]), png_level=1)
-                for k in sorted(result.masks)
+                encode_mask(result.masks[k], result.mask_bits) for k in sorted(result.masks)
             ]
         return response
 
@@ -252,6 +256,16 @@ def read_default_mask_index(value: object) -> int | None:
     if type(value) is int and 0 <= value <= 2:
         return value
     raise ValueError(f"setting default_mask_index={value!r}: use best, 0, 1 or 2")
+
+
+def _read_mask_bits(gen_args: dict) -> int:
+    """mask_bits: 8 (the default: 0/255 in 8 bits) or 1 (a 1-bit PNG)."""
+    value = gen_args.get("mask_bits", 8)
+    if value is None:
+        return 8
+    if type(value) is not int or value not in (1, 8):
+        raise RequestError("invalid_field", "'mask_bits' must be 8 (0/255) or 1 (a 1-bit PNG)")
+    return value
 
 
 def _read_points(value: object, max_points: int) -> np.ndarray:

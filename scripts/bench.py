@@ -261,13 +261,16 @@ def click_point(index: int, width: int, height: int) -> list[int]:
 
 def bench_clicks(served: Served, rounds: int, reference_rounds: int) -> dict:
     """One SAM server: a first click, `rounds` repeat clicks by image_id and as many sending
-    the image again (interleaved), and `reference_rounds` clicks on new images."""
+    the image again (interleaved), as the editor sends them, and `reference_rounds` clicks on
+    new images in the AWS sample's shape."""
     image = click_image()
     width, height = image.size
     encoded = png_b64(image)
 
-    def click(image_field: dict, index: int) -> tuple[float, dict]:
+    def click(image_field: dict, index: int, interactive: bool = True) -> tuple[float, dict]:
         gen_args = {"point_coords": click_point(index, width, height), "point_labels": 1}
+        if interactive:  # what the editor and `mmekit` send: a 1-bit mask PNG
+            gen_args["mask_bits"] = 1
         body = json.dumps({**image_field, "gen_args": gen_args}).encode()
         seconds, reply = timed(lambda: served.post("/predictions/sam", body))
         assert reply.status_code == 200, reply.text[:300]
@@ -288,7 +291,7 @@ def bench_clicks(served: Served, rounds: int, reference_rounds: int) -> dict:
     for index in range(reference_rounds):
         changed = image.copy()
         changed.putpixel((index, 0), (index % 256, 0, 0))  # another image: no cache to hit
-        seconds, reply = click({"image": png_b64(changed)}, index)
+        seconds, reply = click({"image": png_b64(changed)}, index, interactive=False)
         assert reply["embedding_cache"] == "miss"
         reference.append(seconds)
     repeat = summary(by_id)

@@ -462,6 +462,9 @@ def segment_reply(
         "point_coords": [[x * picture.scale, y * picture.scale] for x, y in points],
         "point_labels": labels if len(labels) > 1 else labels[0],
         "dilate_kernel_size": max(0, round(dilate * picture.scale)),
+        # this client only ever reads the mask as > 0: a 1-bit PNG is half the encode (a
+        # handler from before mask_bits ignores it and sends 0/255 in 8 bits, which works too)
+        "mask_bits": 1,
     }
     if image_id is not None:
         try:

@@ -210,7 +210,7 @@ def mask_for_page(reply: dict, picture: Picture) -> tuple[str, tuple[int, int]]:
     already (the picture was not downscaled) it is passed through: decoding and encoding it
     again costs milliseconds a click on a photo. Opening it reads only its header."""
     mask = client.decode_image(reply)
-    if mask.format == "PNG" and mask.mode == "L" and mask.size == picture.original.size:
+    if mask.format == "PNG" and mask.mode in ("1", "L") and mask.size == picture.original.size:
         return reply["generated_image"], mask.size
     mask = client.to_original_size(mask, picture)
     return png_base64(mask), mask.size

@@ -198,3 +198,24 @@ def test_cpu_threads_sets_the_workers_intra_op_threads(serve):
 def test_a_wrong_cpu_threads_stops_the_model_at_load(serve, value):
     with pytest.raises(ValueError, match="cpu_threads"):
         serve("lama", cpu_threads=value)
+
+
+# ---------------------------------------------------------------------------------------------
+# mask_bits: a 1-bit PNG for interactive clients, the same mask once converted
+
+
+@pytest.mark.parametrize("multimask", [False, True])
+def test_a_1_bit_mask_is_the_8_bit_mask(sam, multimask):
+    eight = sam.predict(click(multimask=multimask)).json()
+    one = sam.predict(click(multimask=multimask, mask_bits=1)).json()
+    image = decode_image(one["generated_image"])
+    assert image.mode == "1"  # a PNG of bit depth 1, one channel
+    assert np.array_equal(np.asarray(image.convert("L")), pixels(eight["generated_image"]))
+    for ours, theirs in zip(one.get("masks", []), eight.get("masks", []), strict=True):
+        assert np.array_equal(np.asarray(decode_image(ours).convert("L")), pixels(theirs))
+
+
+@pytest.mark.parametrize("value", [0, 2, 16, "1", True, 1.0])
+def test_other_mask_bits_are_a_400(sam, value):
+    reply = sam.predict(click(mask_bits=value))
+    assert reply.status == 400 and "mask_bits" in reply.json()["message"]

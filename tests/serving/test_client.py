@@ -314,7 +314,12 @@ def test_a_repeat_segment_sends_only_the_image_id(tmp_path):
     assert "image" in first and "image_id" not in first
     assert repeat == {
         "image_id": info["image_id"],
-        "gen_args": {"point_coords": [[11.0, 21.0]], "point_labels": 1, "dilate_kernel_size": 0},
+        "gen_args": {
+            "point_coords": [[11.0, 21.0]],
+            "point_labels": 1,
+            "dilate_kernel_size": 0,
+            "mask_bits": 1,
+        },
     }
     assert again_info["image_id"] == info["image_id"]
     assert again.size == mask.size == (64, 48)
