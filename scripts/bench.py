@@ -183,6 +183,19 @@ def echo_model(store: Path) -> str:
     return "echo"
 
 
+def worker_threads(model: str) -> int:
+    """The intra-op threads TorchServe's worker for `model` runs with (its model-config.yaml's
+    cpu_threads, else the server's share): the in-process side of a comparison runs with the
+    same, so that the difference is serving, not threads."""
+    import yaml
+
+    from scripts.serve import shared_threads
+
+    config = yaml.safe_load((PROJECT_ROOT / "configs" / model / "model-config.yaml").read_text())
+    wanted = config["handler"].get("cpu_threads", "share")
+    return min(wanted, os.cpu_count() or 1) if isinstance(wanted, int) else shared_threads()
+
+
 def in_process(work: Path, model: str, tier: str, weights_root: Path, **settings: object):
     from scripts.inprocess import ServedModel, make_model_dir
 
@@ -209,7 +222,12 @@ def bench_overhead(
         reply = served.post(f"/predictions/{model}", bodies[model])
         assert reply.status_code == 200, reply.text[:300]
 
+    threads = {model: worker_threads(model) for model in models}
+
     def here(model: str) -> None:
+        import torch
+
+        torch.set_num_threads(threads[model])  # the worker's own count (one process, 3 models)
         reply = local[model].predict(bodies[model], raw=True)
         assert reply.status == 200, reply.body[:300]
 
@@ -361,8 +379,14 @@ def bench_click_threads(work: Path, tier: str, weights_root: Path, rounds: int,
 
 
 def cold_child(model_dir: Path, body_file: Path) -> None:
-    """In a fresh process: load the handler folder and answer one request (--cold-child)."""
+    """In a fresh process: load the handler folder and answer one request (--cold-child), with
+    the threads the model's TorchServe worker gets."""
+    import torch
+
     from scripts.inprocess import ServedModel
+
+    manifest = json.loads((model_dir / "MAR-INF" / "MANIFEST.json").read_text())
+    torch.set_num_threads(worker_threads(manifest["model"]["modelName"]))
 
     reply = ServedModel(model_dir).predict(body_file.read_bytes(), raw=True)
     if reply.status != 200:

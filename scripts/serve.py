@@ -178,6 +178,14 @@ def read_token(run_dir: Path = RUN_DIR, api: str = "inference") -> str:
 # container engine; a compose runtime slots in beside it with the same three methods.
 
 
+def shared_threads() -> int:
+    """The intra-op threads of a worker whose model says `cpu_threads: share`: the cores split
+    between the models. One worker per model, each defaulting to every core, oversubscribed
+    the CPU (tests/hardening/test_load.py: 60 mixed requests 38-69 s oversubscribed, 6-10 s
+    split)."""
+    return max(1, (os.cpu_count() or 1) // len(MODELS))
+
+
 @dataclass
 class NativeRuntime:
     """TorchServe from the venv, with Java 17, as a child of this process."""
@@ -198,9 +206,7 @@ class NativeRuntime:
         tmp = self.run_dir / "tmp"
         tmp.mkdir(parents=True, exist_ok=True)
         venv_bin = str(Path(sys.executable).parent)
-        # one worker per model, each defaulting to every core: split them instead (measured
-        # by tests/hardening/test_load.py: 60 mixed requests 38-69 s oversubscribed, 6-10 s not)
-        threads = str(max(1, (os.cpu_count() or 1) // len(MODELS)))
+        threads = str(shared_threads())
         return {
             **os.environ,
             "TMPDIR": str(tmp),
