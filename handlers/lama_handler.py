@@ -38,14 +38,15 @@ class LamaHandler(EditHandler):
 
     @dataclass(frozen=True)
     class Settings:
-        """LaMa's knobs under `handler:` in model-config.yaml."""
+        """LaMa's knobs under `handler:` in model-config.yaml, their one source (no defaults
+        here)."""
 
-        pad_multiple: int = 8  # big-lama downsamples 3 times: inputs padded to a multiple of 8
-        max_dilate_kernel_size: int = 255
-        context_ratio: float = 0.5  # context per side, as a share of the mask part's longer side
-        min_context_px: int = 128  # ... and at least this (IOPaint's crop margin)
-        max_work_pixels: int = 2_097_152  # a larger window is downscaled to this for the network
-        max_windows: int = 8  # more separate mask parts than this: one window around them all
+        pad_multiple: int  # big-lama downsamples 3 times: inputs padded to a multiple of 8
+        max_dilate_kernel_size: int
+        context_ratio: float  # context per side, as a share of the mask part's longer side
+        min_context_px: int  # ... and at least this (IOPaint's crop margin)
+        max_work_pixels: int  # a larger window is downscaled to this for the network
+        max_windows: int  # more separate mask parts than this: one window around them all
 
         def check(self) -> None:
             for name in ("pad_multiple", "min_context_px", "max_work_pixels", "max_windows"):

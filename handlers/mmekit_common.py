@@ -26,10 +26,12 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from http import HTTPStatus
 from pathlib import Path
-from typing import Any, TypeVar, get_type_hints
+from types import UnionType
+from typing import Any, TypeVar, Union, get_args, get_origin, get_type_hints
 
 import numpy as np
 import torch
+from mmekit_limits import RESPONSE_FRAMING_BYTES, SAGEMAKER_PAYLOAD_BYTES
 from PIL import Image, UnidentifiedImageError
 
 import mmekit_cuda
@@ -45,7 +47,7 @@ DEFAULT_MAX_IMAGE_PIXELS = 6144 * 4096
 DEFAULT_MAX_ASPECT_RATIO = 20.0
 # SageMaker's InvokeEndpoint response limit (and TorchServe's max_response_size in our
 # profiles), less room for TorchServe's framing; a larger response would crash the worker.
-DEFAULT_MAX_RESPONSE_BYTES = 6_291_456 - 1024
+DEFAULT_MAX_RESPONSE_BYTES = SAGEMAKER_PAYLOAD_BYTES - RESPONSE_FRAMING_BYTES
 # Room in the response for the fields beside the image ("format", "seed", keys, quotes).
 RESPONSE_FIELDS_RESERVE = 256
 # A JPEG that does not fit at the first quality is tried at the next: high quality first; the
@@ -699,23 +701,45 @@ class HandlerContext:
 
 
 SettingsT = TypeVar("SettingsT")
+UNION_TYPES = (Union, UnionType)
+
+
+# The `handler:` knobs read by the shared layer (EditHandler, ImageLimits, handler_context),
+# whatever the model: a handler's own knobs are the fields of its Settings dataclass.
+COMMON_SETTINGS = frozenset(
+    {
+        "weights_dir",
+        "device",
+        "cuda_dtype",
+        "cpu_threads",
+        "max_image_pixels",
+        "max_aspect_ratio",
+        "max_response_bytes",
+    }
+)
 
 
 def read_settings(cls: type[SettingsT], settings: Mapping) -> SettingsT:
     """The `handler:` knobs that the dataclass `cls` names, type-checked: a mistyped knob stops
-    the model at load (naming it), not a request later. Absent knobs keep the class defaults;
-    knobs of other parts of the handler (limits, weights_dir) are left to them."""
+    the model at load (naming it), not a request later. A knob without a class default must be
+    in the settings (model-config.yaml is then its one source); knobs of other parts of the
+    handler (limits, weights_dir) are left to them."""
     hints = get_type_hints(cls)
     values = {}
     for field in dataclasses.fields(cls):  # type: ignore[arg-type]
         if field.name not in settings:
+            required = field.default is dataclasses.MISSING
+            if required and field.default_factory is dataclasses.MISSING:
+                raise ValueError(f"model-config.yaml has no setting {field.name} under handler:")
             continue
         value, expected = settings[field.name], hints[field.name]
-        if expected is float and isinstance(value, int) and not isinstance(value, bool):
+        allowed = get_args(expected) if get_origin(expected) in UNION_TYPES else (expected,)
+        if float in allowed and isinstance(value, int) and not isinstance(value, bool):
             value = float(value)
-        if type(value) is not expected:  # exact: bool is not an int, and 1.5 is not one either
+        if type(value) not in allowed:  # exact: bool is not an int, and 1.5 is not one either
+            names = " or ".join(kind.__name__ for kind in allowed)
             raise ValueError(
-                f"setting {field.name}={value!r} in model-config.yaml: expected {expected.__name__}"
+                f"setting {field.name}={value!r} in model-config.yaml: expected {names}"
             )
         values[field.name] = value
     instance = cls(**values)
@@ -723,6 +747,18 @@ def read_settings(cls: type[SettingsT], settings: Mapping) -> SettingsT:
     if check is not None:
         check()
     return instance
+
+
+def refuse_unknown_settings(settings: Mapping, own: type) -> None:
+    """A knob no part of the handler reads (a typo, or one from another model) stops the model
+    at load, naming it: otherwise it would be silently ignored."""
+    known = COMMON_SETTINGS | {field.name for field in dataclasses.fields(own)}
+    unknown = sorted(set(settings) - known)
+    if unknown:
+        raise ValueError(
+            f"unknown setting(s) {', '.join(unknown)} under handler: in model-config.yaml; "
+            f"this model reads {', '.join(sorted(known))}"
+        )
 
 
 def read_device_setting(settings: Mapping) -> str:
@@ -853,6 +889,11 @@ class EditHandler:
     limits before any model work, `infer` runs the model, `encode` makes the JSON response.
     """
 
+    @dataclass(frozen=True)
+    class Settings:
+        """The handler's own `handler:` knobs (a subclass's dataclass, read with read_settings);
+        the shared ones are COMMON_SETTINGS."""
+
     def __init__(self) -> None:
         self.initialized = False
         self.config: HandlerContext | None = None
@@ -869,6 +910,7 @@ class EditHandler:
         self.max_response_bytes = int(
             self.config.setting("max_response_bytes", DEFAULT_MAX_RESPONSE_BYTES)
         )
+        refuse_unknown_settings(self.config.settings, self.Settings)
         self.load(self.config)
         self.initialized = True
 

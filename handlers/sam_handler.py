@@ -55,12 +55,13 @@ class SamHandler(EditHandler):
 
     @dataclass(frozen=True)
     class Settings:
-        """SAM's knobs under `handler:` in model-config.yaml (default_mask_index, which may be
-        a word or a number, is read by read_default_mask_index)."""
+        """SAM's knobs under `handler:` in model-config.yaml, their one source (no defaults
+        here)."""
 
-        embedding_cache_size: int = 8  # image embeddings kept for repeat clicks (LRU)
-        max_points: int = 16
-        max_dilate_kernel_size: int = 255
+        embedding_cache_size: int  # image embeddings kept for repeat clicks (LRU); 0: none
+        max_points: int
+        max_dilate_kernel_size: int
+        default_mask_index: str | int  # best, or 0-2 (read_default_mask_index)
 
         def check(self) -> None:
             if self.max_points < 1:
@@ -100,7 +101,7 @@ class SamHandler(EditHandler):
         self.embedding_cache = LruCache(self.settings.embedding_cache_size)
         # the same file again (a repeat click) -> its pixel key and size, without decoding it
         self.known_files = LruCache(4 * self.settings.embedding_cache_size)
-        self.default_mask_index = read_default_mask_index(config.setting("default_mask_index"))
+        self.default_mask_index = read_default_mask_index(self.settings.default_mask_index)
 
     # -- decode -----------------------------------------------------------------------------
     def decode(self, payload: dict) -> SamHandler.Request:

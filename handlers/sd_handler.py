@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from mmekit_limits import MAX_SEED
 from PIL import Image
 
 from mmekit_common import (
@@ -32,12 +33,11 @@ from mmekit_common import (
     read_inpaint_inputs,
     read_int,
     read_json_object,
+    read_settings,
     read_text,
     run_dtype,
 )
 from mmekit_models import load_sd
-
-MAX_SEED = 2**32 - 1
 
 
 class SdHandler(EditHandler):
@@ -58,6 +58,28 @@ class SdHandler(EditHandler):
         seed: int
         inputs: InpaintInputs
 
+    @dataclass(frozen=True)
+    class Settings:
+        """SD's knobs under `handler:` in model-config.yaml, their one source (no defaults
+        here): the editor and the client read the same file."""
+
+        window_size: int  # the model's native size: the window around the mask
+        context_margin: float  # extra context around the mask box, per side
+        default_num_inference_steps: int
+        max_num_inference_steps: int
+        default_guidance_scale: float
+        max_guidance_scale: float
+        max_prompt_chars: int  # refused before tokenizing; tokens are capped at 77 too
+        max_dilate_kernel_size: int
+
+        def check(self) -> None:
+            if not 1 <= self.default_num_inference_steps <= self.max_num_inference_steps:
+                raise ValueError("setting default_num_inference_steps must be 1 to the maximum")
+            if not 0 <= self.default_guidance_scale <= self.max_guidance_scale:
+                raise ValueError("setting default_guidance_scale must be 0 to the maximum")
+            if self.window_size < 8 or self.context_margin < 0 or self.max_prompt_chars < 1:
+                raise ValueError("settings window_size, context_margin, max_prompt_chars too small")
+
     def load(self, config: HandlerContext) -> None:
         self.device = config.device
         # fp16 halves memory and time on a GPU; CPUs run fp32
@@ -65,32 +87,35 @@ class SdHandler(EditHandler):
         self.pipeline, self.weights_info = load_sd(
             config.path("weights_dir", "weights"), config.device, dtype
         )
-        self.window_size = int(config.setting("window_size", 512))
-        self.context_margin = float(config.setting("context_margin", 0.1))
-        self.default_steps = int(config.setting("default_num_inference_steps", 30))
-        self.max_steps = int(config.setting("max_num_inference_steps", 100))
-        self.default_guidance = float(config.setting("default_guidance_scale", 7.5))
-        self.max_guidance = float(config.setting("max_guidance_scale", 30.0))
-        self.max_prompt_chars = int(config.setting("max_prompt_chars", 2000))
-        self.max_dilate_kernel_size = int(config.setting("max_dilate_kernel_size", 255))
+        self.settings = read_settings(self.Settings, config.settings)
 
     # -- decode -----------------------------------------------------------------------------
     def decode(self, payload: dict) -> SdHandler.Request:
-        inputs = read_inpaint_inputs(payload, self.image_limits, self.max_dilate_kernel_size)
+        inputs = read_inpaint_inputs(
+            payload, self.image_limits, self.settings.max_dilate_kernel_size
+        )
         gen_args = read_json_object(payload.get("gen_args"), "gen_args")
         seed = gen_args.get("seed")
         return self.Request(
             inputs=inputs,
-            prompt=read_text(payload, "prompt", self.max_prompt_chars, required=True),
-            negative_prompt=read_text(payload, "negative_prompt", self.max_prompt_chars),
+            prompt=read_text(payload, "prompt", self.settings.max_prompt_chars, required=True),
+            negative_prompt=read_text(payload, "negative_prompt", self.settings.max_prompt_chars),
             seed=secrets.randbits(32)
             if seed is None
             else read_int(gen_args, "seed", 0, 0, MAX_SEED),
             num_inference_steps=read_int(
-                gen_args, "num_inference_steps", self.default_steps, 1, self.max_steps
+                gen_args,
+                "num_inference_steps",
+                self.settings.default_num_inference_steps,
+                1,
+                self.settings.max_num_inference_steps,
             ),
             guidance_scale=read_float(
-                gen_args, "guidance_scale", self.default_guidance, 0.0, self.max_guidance
+                gen_args,
+                "guidance_scale",
+                self.settings.default_guidance_scale,
+                0.0,
+                self.settings.max_guidance_scale,
             ),
         )
 
@@ -151,7 +176,8 @@ class SdHandler(EditHandler):
         cols = np.flatnonzero(mask.any(axis=0))
         y0, y1, x0, x1 = rows[0], rows[-1] + 1, cols[0], cols[-1] + 1
         side = max(
-            self.window_size, math.ceil(max(x1 - x0, y1 - y0) * (1 + 2 * self.context_margin))
+            self.settings.window_size,
+            math.ceil(max(x1 - x0, y1 - y0) * (1 + 2 * self.settings.context_margin)),
         )
         box_width, box_height = min(side, width), min(side, height)
         left = _place(x0, x1, box_width, width)
@@ -161,7 +187,7 @@ class SdHandler(EditHandler):
     def model_size(self, size: tuple[int, int]) -> tuple[int, int]:
         """Scale a window so its longer side is window_size, both sides multiples of 8 (the
         VAE's downscale), so small and large windows alike run at the model's native size."""
-        scale = self.window_size / max(size)
+        scale = self.settings.window_size / max(size)
         return tuple(max(8, round(side * scale / 8) * 8) for side in size)
 
     # -- encode -----------------------------------------------------------------------------

@@ -1,7 +1,8 @@
 """Model archives: model_store/<model>.tar.gz, byte-for-byte reproducible, plus manifest.json.
 
 For each model, torch-model-archiver packs (no-archive layout) the handler, the shared handler
-modules, configs/<model>/model-config.yaml and the chosen tier's weights (as `weights/`). The
+modules, configs/<model>/model-config.yaml and the chosen tier's weights (as `weights/`), where
+its entry in scripts/models.py says they are. The
 folder is then written as a deterministic tarball with one root directory — sorted entries,
 mtime 0, owner 0/0, gzip header mtime 0 — which SageMaker's multi-model endpoint and TorchServe
 (directly from its model store) both load. Same inputs, same bytes; unchanged inputs are not
@@ -27,9 +28,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from scripts import HANDLERS_DIR, PROJECT_ROOT
+from scripts.models import MODELS, TIERS, spec
 from scripts.weights import (
     DEFAULT_ROOT,
-    MODELS,
     WeightsChangedError,
     build_tier,
     read_info,
@@ -40,7 +41,6 @@ from scripts.weights import (
 
 DEFAULT_STORE = PROJECT_ROOT / "model_store"
 MANIFEST_NAME = "manifest.json"
-HANDLER_FILES = {"sam": "sam_handler.py", "lama": "lama_handler.py", "sd": "sd_handler.py"}
 # Shipped in every archive beside the handler (TorchServe imports them from the archive root).
 SHARED_MODULES = (
     "mmekit_common.py",
@@ -48,6 +48,7 @@ SHARED_MODULES = (
     "mmekit_models.py",
     "lama_net.py",
     "sam_decoder.py",
+    "mmekit_limits.py",
 )
 MODEL_VERSION = "1.0"
 # Level 0 ("stored" deflate blocks: still a valid .tar.gz), by measurement on full-size weights
@@ -122,8 +123,8 @@ def archive_inputs(model: str, tier: str, weights_root: Path = DEFAULT_ROOT) -> 
         model=model,
         tier=tier,
         weights=folder,
-        config=PROJECT_ROOT / "configs" / model / "model-config.yaml",
-        handler=HANDLERS_DIR / HANDLER_FILES[model],
+        config=spec(model).config_file,
+        handler=spec(model).handler_path,
         shared=tuple(HANDLERS_DIR / name for name in SHARED_MODULES),
     )
 
@@ -286,7 +287,7 @@ def main(argv: list[str] | None = None) -> int:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--models", nargs="+", choices=MODELS, default=list(MODELS))
-    parser.add_argument("--tier", choices=("auto", "tiny", "synthetic", "full"), default="auto")
+    parser.add_argument("--tier", choices=("auto", *TIERS), default="auto")
     parser.add_argument("--store", type=Path, default=DEFAULT_STORE)
     parser.add_argument("--weights", type=Path, default=DEFAULT_ROOT, help="weights root")
     parser.add_argument(

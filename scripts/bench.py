@@ -42,15 +42,17 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import requests
+from mmekit_limits import SAGEMAKER_PAYLOAD_BYTES
 from PIL import Image
 
 from scripts import PROJECT_ROOT
 from scripts.archive import archive_models
 from scripts.examples import requests as example_requests
-from scripts.weights import MODELS, weights_dir
+from scripts.models import MODELS, spec
+from scripts.weights import weights_dir
 
 OUTPUT_DIR = PROJECT_ROOT / "bench"
-MAX_BODY_BYTES = 6_291_456
+MAX_BODY_BYTES = SAGEMAKER_PAYLOAD_BYTES
 GOALS = {
     "overhead_p50_ms": 2.0,  # HTTP + frontend + worker over the in-process call
     "repeat_click_speedup": 200.0,  # first click / repeat click (image_id), end to end
@@ -191,7 +193,7 @@ def worker_threads(model: str) -> int:
 
     from scripts.serve import shared_threads
 
-    config = yaml.safe_load((PROJECT_ROOT / "configs" / model / "model-config.yaml").read_text())
+    config = yaml.safe_load(spec(model).config_file.read_text())
     wanted = config["handler"].get("cpu_threads", "share")
     return min(wanted, os.cpu_count() or 1) if isinstance(wanted, int) else shared_threads()
 
@@ -351,7 +353,7 @@ def bench_click_threads(work: Path, tier: str, weights_root: Path, rounds: int,
     """Section 2: bench_clicks for each CLICK_THREADS, each a SAM-only TorchServe."""
     import yaml
 
-    configured = yaml.safe_load((PROJECT_ROOT / "configs/sam/model-config.yaml").read_text())
+    configured = yaml.safe_load(spec("sam").config_file.read_text())
     width, height = CLICK_IMAGE_SIZE
     results: dict = {
         "tier": tier,

@@ -39,11 +39,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+from mmekit_limits import SAGEMAKER_PAYLOAD_BYTES
 from PIL import Image, ImageFilter, ImageOps, UnidentifiedImageError
 
 from scripts import PROJECT_ROOT
 
-MAX_BODY_BYTES = 6_291_456  # SageMaker's InvokeEndpoint limit, enforced locally too
+MAX_BODY_BYTES = SAGEMAKER_PAYLOAD_BYTES  # enforced before sending, for every target
 PROMOTION_FILE = PROJECT_ROOT / "promotion.json"
 SEND_FORMATS = {"PNG", "JPEG", "WEBP"}  # sent as the file's own bytes when not resized
 NOT_READY_RETRIES = 8  # ModelNotReadyException: a model still loading on an MME
@@ -54,13 +55,41 @@ IMAGE_IDS_KEPT = 32  # image_ids `mmekit segment` remembers (the most recent one
 
 
 class EditError(Exception):
-    """What went wrong, in one line, and the exit code that says which kind of failure;
-    `code` is the model's own error code when it refused with one (e.g. unknown_image_id)."""
+    """What went wrong, in one line. Each kind is a subclass carrying its exit code (the
+    command line's) and its HTTP status (the editor's); `code` is the model's own error code
+    when it refused with one (e.g. unknown_image_id)."""
 
-    def __init__(self, message: str, exit_code: int = 1, code: str | None = None) -> None:
+    exit_code = 1
+    http_status = 500
+    kind = "failed"
+
+    def __init__(self, message: str, code: str | None = None) -> None:
         super().__init__(message)
-        self.exit_code = exit_code
         self.code = code
+
+
+class CannotSend(EditError):
+    """The request cannot be sent as given: the user's to change (a flag, a file, a size)."""
+
+    exit_code, http_status, kind = 2, 400, "bad_request"
+
+
+class Unreachable(EditError):
+    """The target does not answer: start it, or check where it is."""
+
+    exit_code, http_status, kind = 3, 502, "unreachable"
+
+
+class Refused(EditError):
+    """The model refused the request (a 4xx): its message says what to fix."""
+
+    exit_code, http_status, kind = 4, 400, "refused"
+
+
+class TargetFailed(EditError):
+    """The target failed (a 5xx, a timeout, a reply outside the contract)."""
+
+    exit_code, http_status, kind = 5, 502, "target_failed"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -86,8 +115,8 @@ def refused(status: int, text: str) -> EditError:
         message = text.strip() or f"HTTP {status}"
     code = code if isinstance(code, str) else None  # TorchServe's own bodies: an int `code`
     if status >= 500:
-        return EditError(f"the target failed (HTTP {status}): {message}", 5, code)
-    return EditError(f"refused (HTTP {status}): {message}", 4, code)
+        return TargetFailed(f"the target failed (HTTP {status}): {message}", code)
+    return Refused(f"refused (HTTP {status}): {message}", code)
 
 
 @dataclass
@@ -151,11 +180,11 @@ class LocalTarget:
         if self.refused_key(reply) and self.renew_token():
             reply = self.post(model, body)  # once, with the renewed key
         if self.refused_key(reply):
-            raise EditError(
-                "the server refused the token: is it the server `make serve-local` started?", 4
+            raise Refused(
+                "the server refused the token: is it the server `make serve-local` started?"
             )
         if reply.status_code == 404:
-            raise EditError(f"no model {model!r} at {self.url}", 4)
+            raise Refused(f"no model {model!r} at {self.url}")
         if reply.status_code != 200:
             raise refused(reply.status_code, reply.text)
         return parse_reply(reply.content)
@@ -175,11 +204,11 @@ class LocalTarget:
                 f"{self.url}/predictions/{model}", data=body, headers=headers, timeout=self.timeout
             )
         except requests.ConnectionError:
-            raise EditError(
-                f"cannot reach {self.url}: start the server with `make serve-local`", 3
+            raise Unreachable(
+                f"cannot reach {self.url}: start the server with `make serve-local`"
             ) from None
         except requests.Timeout:
-            raise EditError(f"{model} did not answer within {self.timeout:.0f} s", 5) from None
+            raise TargetFailed(f"{model} did not answer within {self.timeout:.0f} s") from None
 
 
 @dataclass
@@ -228,7 +257,7 @@ class RuntimeTarget:
                 return parse_reply(reply["Body"].read())
             except EndpointConnectionError:
                 hint = "`make serve-mme`" if self.endpoint_url else "the region and network"
-                raise EditError(f"cannot reach {self.describe()}: check {hint}", 3) from None
+                raise Unreachable(f"cannot reach {self.describe()}: check {hint}") from None
             except ClientError as error:
                 code = error.response.get("Error", {}).get("Code", "")
                 if code == "ModelNotReadyException" and attempt < NOT_READY_RETRIES:
@@ -236,8 +265,8 @@ class RuntimeTarget:
                     continue
                 raise runtime_error(error, self.target_model(model)) from None
             except BotoCoreError as error:
-                raise EditError(f"{self.describe()}: {error}", 3) from None
-        raise EditError(f"{self.target_model(model)} did not finish loading", 5)
+                raise Unreachable(f"{self.describe()}: {error}") from None
+        raise TargetFailed(f"{self.target_model(model)} did not finish loading")
 
 
 def runtime_error(error: Any, target_model: str) -> EditError:
@@ -249,10 +278,10 @@ def runtime_error(error: Any, target_model: str) -> EditError:
         original = int(response.get("OriginalStatusCode") or 500)
         return refused(original, response.get("OriginalMessage") or message)
     if code == "ValidationError":
-        return EditError(f"{target_model}: {message}", 4)
+        return Refused(f"{target_model}: {message}")
     if code == "ModelNotReadyException":
-        return EditError(f"{target_model} is still loading; try again shortly", 5)
-    return EditError(f"{code or 'error'}: {message}", 5)
+        return TargetFailed(f"{target_model} is still loading; try again shortly")
+    return TargetFailed(f"{code or 'error'}: {message}")
 
 
 def read_promotion(path: Path = PROMOTION_FILE) -> dict:
@@ -261,7 +290,7 @@ def read_promotion(path: Path = PROMOTION_FILE) -> dict:
     except FileNotFoundError:
         return {}
     except ValueError as error:
-        raise EditError(f"{path} is not valid JSON ({error})", 2) from None
+        raise CannotSend(f"{path} is not valid JSON ({error})") from None
 
 
 def make_target(
@@ -288,25 +317,24 @@ def make_target(
         endpoint = endpoint or record.get("endpoint")
         region = region or record.get("region") or os.environ.get("AWS_REGION")
         if not endpoint or not region:
-            raise EditError(
+            raise CannotSend(
                 f"--target sagemaker needs an endpoint and a region: `make promote` writes them "
-                f"to {promotion.name}, or pass --endpoint NAME --region REGION",
-                2,
+                f"to {promotion.name}, or pass --endpoint NAME --region REGION"
             )
         models = {name: entry["target_model"] for name, entry in record.get("models", {}).items()}
         return RuntimeTarget(endpoint, region, target_models=models, name="sagemaker")
-    raise EditError(f"unknown target {kind!r}: local, mme or sagemaker", 2)
+    raise CannotSend(f"unknown target {kind!r}: local, mme or sagemaker")
 
 
 def parse_reply(content: bytes) -> dict:
     try:
         reply = json.loads(content)
     except ValueError:
-        raise EditError(
-            f"the target answered something other than JSON: {content[:200]!r}", 5
+        raise TargetFailed(
+            f"the target answered something other than JSON: {content[:200]!r}"
         ) from None
     if not isinstance(reply, dict) or "generated_image" not in reply:
-        raise EditError(f"the reply has no image: {json.dumps(reply)[:300]}", 5)
+        raise TargetFailed(f"the reply has no image: {json.dumps(reply)[:300]}")
     return reply
 
 
@@ -336,7 +364,7 @@ def open_image(source: Path | bytes, what: str = "image") -> tuple[Image.Image, 
             image_format = opened.format or ""
             image = ImageOps.exif_transpose(opened).convert("RGB")
     except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as error:
-        raise EditError(f"{what}: not an image Pillow can read ({error})", 2) from None
+        raise CannotSend(f"{what}: not an image Pillow can read ({error})") from None
     return image, raw, image_format
 
 
@@ -344,7 +372,7 @@ def read_file(path: Path, what: str) -> bytes:
     try:
         return path.read_bytes()
     except OSError as error:
-        raise EditError(f"{what} {path}: {error.strerror or error}", 2) from None
+        raise CannotSend(f"{what} {path}: {error.strerror or error}") from None
 
 
 def png_bytes(image: Image.Image) -> bytes:
@@ -386,11 +414,10 @@ def encode_request(payload: dict, picture: Picture) -> bytes:
     if len(body) > MAX_BODY_BYTES:
         side = max(picture.sent.size)
         suggestion = max(256, int(side * math.sqrt(MAX_BODY_BYTES / len(body)) * 0.9))
-        raise EditError(
+        raise CannotSend(
             f"the request would be {len(body):,} bytes, over SageMaker's {MAX_BODY_BYTES:,}-byte "
             f"limit ({picture.sent.width}x{picture.sent.height} image): pass --max-side "
-            f"{suggestion} to downscale it; the result comes back at the original size",
-            2,
+            f"{suggestion} to downscale it; the result comes back at the original size"
         )
     return body
 
@@ -399,7 +426,7 @@ def decode_image(reply: dict) -> Image.Image:
     try:
         return Image.open(io.BytesIO(base64.b64decode(reply["generated_image"])))
     except (ValueError, UnidentifiedImageError) as error:
-        raise EditError(f"the reply's image cannot be read ({error})", 5) from None
+        raise TargetFailed(f"the reply's image cannot be read ({error})") from None
 
 
 def at_original_size(result: Image.Image, mask: Image.Image, picture: Picture) -> Image.Image:
@@ -454,10 +481,10 @@ def segment_reply(
     for this picture) only the id is sent; a target that no longer holds it (evicted,
     restarted, another instance) is sent the picture instead, once."""
     if not points:
-        raise EditError("give at least one --point X,Y on the object", 2)
+        raise CannotSend("give at least one --point X,Y on the object")
     labels = list(labels) or [1] * len(points)
     if len(labels) not in (1, len(points)):
-        raise EditError(f"{len(labels)} --label for {len(points)} --point: one per point", 2)
+        raise CannotSend(f"{len(labels)} --label for {len(points)} --point: one per point")
     gen_args = {
         "point_coords": [[x * picture.scale, y * picture.scale] for x, y in points],
         "point_labels": labels if len(labels) > 1 else labels[0],
@@ -571,14 +598,13 @@ def mask_of(
 ) -> Image.Image:
     """The mask to edit: the given file, or SAM's for the clicks (at the original size)."""
     if mask is not None and points:
-        raise EditError("give --mask or --point, not both", 2)
+        raise CannotSend("give --mask or --point, not both")
     if mask is not None:
         image, _, _ = open_image(mask, "mask")
         if image.size != picture.original.size:
-            raise EditError(
+            raise CannotSend(
                 f"the mask is {image.width}x{image.height} but the image is "
-                f"{picture.original.width}x{picture.original.height}: they must match",
-                2,
+                f"{picture.original.width}x{picture.original.height}: they must match"
             )
         return image.convert("L")
     return segment(target, picture, points, labels)[0]
@@ -602,16 +628,16 @@ def replace(
     prompt: str,
     negative_prompt: str = "",
     seed: int | None = None,
-    steps: int = 30,
-    guidance: float = 7.5,
+    steps: int | None = None,
+    guidance: float | None = None,
     dilate: int = 15,
 ) -> tuple[Image.Image, int | None]:
     """SD2 inpainting: the masked object replaced by what the prompt says. Returns the seed."""
     if not prompt.strip():
-        raise EditError("--prompt says what should be there instead", 2)
-    gen_args: dict[str, Any] = {"num_inference_steps": steps, "guidance_scale": guidance}
-    if seed is not None:
-        gen_args["seed"] = seed
+        raise CannotSend("--prompt says what should be there instead")
+    # what is not given is left to the model: its defaults live in its model-config.yaml
+    given = {"num_inference_steps": steps, "guidance_scale": guidance, "seed": seed}
+    gen_args: dict[str, Any] = {name: value for name, value in given.items() if value is not None}
     payload = {
         "image": b64(picture.data),
         "mask_image": b64(png_bytes(to_sent_size(mask, picture))),
@@ -660,7 +686,7 @@ def save(image: Image.Image, output: Path) -> None:
     try:
         image.save(output)
     except (OSError, ValueError) as error:
-        raise EditError(f"cannot write {output}: {error}", 2) from None
+        raise CannotSend(f"cannot write {output}: {error}") from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -710,8 +736,12 @@ def build_parser() -> argparse.ArgumentParser:
     replace_parser.add_argument("--prompt", required=True)
     replace_parser.add_argument("--negative", default="", help="what should not be there")
     replace_parser.add_argument("--seed", type=int, default=None)
-    replace_parser.add_argument("--steps", type=int, default=30)
-    replace_parser.add_argument("--guidance", type=float, default=7.5)
+    replace_parser.add_argument(
+        "--steps", type=int, default=None, help="denoising steps (default: the model's)"
+    )
+    replace_parser.add_argument(
+        "--guidance", type=float, default=None, help="guidance scale (default: the model's)"
+    )
     return parser
 
 

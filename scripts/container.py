@@ -49,8 +49,8 @@ from pathlib import Path
 import psutil
 
 from scripts.examples import requests as example_requests
+from scripts.models import MODELS
 from scripts.serve import NativeRuntime, Ports, ServeError, read_token, render_profile
-from scripts.weights import MODELS
 
 IMAGE_ROOT = Path("/opt/mmekit")  # WORKDIR in the Dockerfile: scripts/, configs/, handlers/
 RUN_DIR = IMAGE_ROOT / "run"  # TorchServe's working folder (compose mounts .mmekit/compose)

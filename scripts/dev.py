@@ -34,7 +34,6 @@ import requests
 from scripts import PROJECT_ROOT
 from scripts.archive import (
     GZIP_LEVEL,
-    HANDLER_FILES,
     SHARED_MODULES,
     ArchiveInputs,
     resolve_tier,
@@ -42,6 +41,7 @@ from scripts.archive import (
     write_deterministic_tar,
 )
 from scripts.examples import requests as example_requests
+from scripts.models import MODELS, spec
 from scripts.serve import (
     RUN_DIR,
     NativeRuntime,
@@ -54,7 +54,7 @@ from scripts.serve import (
     shut_down,
     wait_for_token,
 )
-from scripts.weights import DEFAULT_ROOT, MODELS, build_tier, sha256_of, weights_dir
+from scripts.weights import DEFAULT_ROOT, build_tier, sha256_of, weights_dir
 
 PROBE_TIMEOUT_S = 120.0  # a new version that has not answered by then is given up
 DRAIN_GRACE_S = 2.0  # plus 3x the new version's first answer: the old one's requests finish
@@ -67,7 +67,7 @@ def log(message: str) -> None:
 
 def affected_models(changed: list[Path], root: Path) -> tuple[set[str], list[Path]]:
     """The models whose archive inputs changed, and changes that need a restart instead."""
-    by_handler = {name: model for model, name in HANDLER_FILES.items()}
+    by_handler = {spec(model).handler_file: model for model in MODELS}
     models: set[str] = set()
     restart = []
     for path in changed:
@@ -114,7 +114,7 @@ class DevServer:
             tier=self.tier,
             weights=weights_dir(self.weights_root, self.tier, model),
             config=self.root / "configs" / model / "model-config.yaml",
-            handler=handlers / HANDLER_FILES[model],
+            handler=handlers / spec(model).handler_file,
             shared=tuple(handlers / name for name in SHARED_MODULES),
         )
 

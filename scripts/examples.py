@@ -1,7 +1,8 @@
-"""Example requests for the three models, built from a small generated scene (no downloads).
+"""Example requests for the models, built from a small generated scene (no downloads).
 
 The scene has a red ball on a table: the SAM click lands on the ball, and the LaMa/SD mask is
-the ball's disc, so with real weights the examples erase or replace it.
+the ball's disc, so with real weights the examples erase or replace it. Each model's entry in
+scripts/models.py names its example builder: (image, mask, steps) -> the request body.
 """
 
 from __future__ import annotations
@@ -12,7 +13,10 @@ import json
 from pathlib import Path
 
 import numpy as np
+from mmekit_limits import SAGEMAKER_PAYLOAD_BYTES
 from PIL import Image, ImageDraw
+
+from scripts.models import names, resolve, spec
 
 SCENE_SIZE = (640, 480)
 BALL_CENTRE = (400, 300)
@@ -49,25 +53,35 @@ def encode(image: Image.Image) -> str:
     return base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
-def requests(sd_steps: int = 30) -> dict[str, dict]:
-    image, mask = encode(scene()), encode(ball_mask())
+def sam_example(image: str, mask: str, steps: int) -> dict:
     return {
-        "sam": {
-            "image": image,
-            # a JSON string, as the AWS sample's client sends it
-            "gen_args": json.dumps(
-                {"point_coords": list(BALL_CENTRE), "point_labels": 1, "dilate_kernel_size": 15}
-            ),
-        },
-        "lama": {"image": image, "mask_image": mask, "dilate_kernel_size": 15},
-        "sd": {
-            "image": image,
-            "mask_image": mask,
-            "prompt": "a small potted cactus on a wooden table",
-            "negative_prompt": "blurry, low quality",
-            "gen_args": {"seed": 42, "num_inference_steps": sd_steps, "guidance_scale": 7.5},
-        },
+        "image": image,
+        # a JSON string, as the AWS sample's client sends it
+        "gen_args": json.dumps(
+            {"point_coords": list(BALL_CENTRE), "point_labels": 1, "dilate_kernel_size": 15}
+        ),
     }
+
+
+def lama_example(image: str, mask: str, steps: int) -> dict:
+    return {"image": image, "mask_image": mask, "dilate_kernel_size": 15}
+
+
+def sd_example(image: str, mask: str, steps: int) -> dict:
+    return {
+        "image": image,
+        "mask_image": mask,
+        "prompt": "a small potted cactus on a wooden table",
+        "negative_prompt": "blurry, low quality",
+        "gen_args": {"seed": 42, "num_inference_steps": steps, "guidance_scale": 7.5},
+    }
+
+
+def requests(sd_steps: int = 30) -> dict[str, dict]:
+    """Every registered model's example request; `sd_steps`: denoising steps, for a model
+    that takes them (a readiness probe asks for 1)."""
+    image, mask = encode(scene()), encode(ball_mask())
+    return {model: resolve(spec(model).example)(image, mask, sd_steps) for model in names()}
 
 
 def write_requests(folder: Path, sd_steps: int = 30) -> dict[str, Path]:
@@ -99,7 +113,9 @@ def photo_like(width: int, height: int, seed: int = 0) -> Image.Image:
     return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
 
 
-def photo_request(image: Image.Image, mask: Image.Image, limit: int = 6_291_456) -> dict:
+def photo_request(
+    image: Image.Image, mask: Image.Image, limit: int = SAGEMAKER_PAYLOAD_BYTES
+) -> dict:
     """The AWS sample's erase/replace payload (image + mask_image) with the image as the
     highest-quality JPEG (90 down to 70) whose request fits `limit` bytes, as a client does."""
     mask_b64 = encode(mask)

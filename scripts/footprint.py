@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import importlib
 import io
 import json
 import os
@@ -42,7 +43,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -54,11 +55,11 @@ from PIL import Image
 
 from scripts import PROJECT_ROOT
 from scripts.cli import OneLineParser, positive_int
-from scripts.weights import DEFAULT_ROOT, MODELS, TIERS, build_tier, read_info, weights_dir
+from scripts.models import MODELS, TIERS, resolve, spec
+from scripts.weights import DEFAULT_ROOT, build_tier, read_info, weights_dir
 
 PROG = "python -m scripts.footprint"
 DEFAULT_OUTPUT = PROJECT_ROOT / "model_store" / "footprint.json"
-CONFIGS_DIR = PROJECT_ROOT / "configs"
 FORMAT_VERSION = 1
 MIB = 1 << 20
 PROC_STATUS = Path("/proc/self/status")
@@ -79,7 +80,8 @@ class FootprintError(ValueError):
 
 
 # ---------------------------------------------------------------------------------------------
-# Requests: built in memory, in the JSON the handlers take
+# Requests: built in memory, in the JSON the handlers take (each model's entry in
+# scripts/models.py names its own)
 
 
 def png_b64(image: Image.Image) -> str:
@@ -118,7 +120,7 @@ def lama_request(_: Any) -> tuple[dict, str]:
 def sd_request(handler: Any) -> tuple[dict, str]:
     """An image the size of the handler's window, so SD runs at that size (the handler scales
     every window to window_size)."""
-    window = handler.window_size
+    window = handler.settings.window_size
     payload = {
         "image": png_b64(random_image(window)),
         "mask_image": png_b64(centre_mask(window)),
@@ -126,14 +128,6 @@ def sd_request(handler: Any) -> tuple[dict, str]:
         "gen_args": {"seed": SEED, "num_inference_steps": 1},
     }
     return payload, f"1 step on a {window}x{window} window"
-
-
-# model -> (the loaded handler -> the request and what it asks)
-REQUESTS: dict[str, Callable[[Any], tuple[dict, str]]] = {
-    "sam": sam_request,
-    "lama": lama_request,
-    "sd": sd_request,
-}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -149,38 +143,39 @@ class ServingContext:
 
 
 def handler_class(model: str) -> type:
-    import lama_handler
-    import sam_handler
-    import sd_handler
-
-    classes = {
-        "sam": sam_handler.SamHandler,
-        "lama": lama_handler.LamaHandler,
-        "sd": sd_handler.SdHandler,
-    }
-    return classes[model]
+    """The model's handler class, imported as TorchServe imports it (a flat module)."""
+    model_spec = spec(model)
+    if str(model_spec.handlers_dir) not in sys.path:
+        sys.path.append(str(model_spec.handlers_dir))
+    module = importlib.import_module(Path(model_spec.handler_file).stem)
+    return getattr(module, model_spec.handler_class)
 
 
 def handler_settings(model: str, weights_folder_name: str, sd_window: int | None) -> dict:
     """The archive's handler settings, pointed at the tier's weights folder."""
-    config = yaml.safe_load((CONFIGS_DIR / model / "model-config.yaml").read_text())
+    model_spec = spec(model)
+    config = yaml.safe_load(model_spec.config_file.read_text())
     settings = dict(config.get("handler") or {})
     settings["weights_dir"] = weights_folder_name
-    if model == "sd" and sd_window is not None:
-        settings["window_size"] = sd_window
+    if model_spec.window_setting is not None and sd_window is not None:
+        settings[model_spec.window_setting] = sd_window
     return settings
 
 
 def model_modules(model: str, handler: Any) -> list:
-    """The torch modules a loaded handler holds (for the parameter count)."""
+    """The torch modules a loaded handler holds (for the parameter count), found by the
+    attribute paths its spec names; a mapping there (a pipeline's components) counts the
+    modules among its values."""
     import torch
 
-    if model == "sam":
-        return [handler.decoder.sam]
-    if model == "lama":
-        return [handler.network]
-    components = handler.pipeline.components.values()
-    return [part for part in components if isinstance(part, torch.nn.Module)]
+    modules = []
+    for path in spec(model).torch_modules:
+        found = handler
+        for name in path.split("."):
+            found = getattr(found, name)
+        candidates = found.values() if isinstance(found, Mapping) else [found]
+        modules += [part for part in candidates if isinstance(part, torch.nn.Module)]
+    return modules
 
 
 def peak_rss_mib() -> float:
@@ -284,7 +279,7 @@ def measure_in_child(
     load_seconds = time.perf_counter() - started
     rss_after_load = peak_rss_mib()
 
-    payload, description = REQUESTS[model](handler)
+    payload, description = resolve(spec(model).footprint_request)(handler)
     started = time.perf_counter()
     response = json.loads(handler.process({"body": json.dumps(payload).encode()}))
     after_request = cuda_figures(device) if device is not None else None

@@ -12,14 +12,14 @@ from __future__ import annotations
 import json
 import shutil
 import struct
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from scripts import PROJECT_ROOT
-from scripts.archive import HANDLER_FILES
+from scripts.models import spec
 
 
 @dataclass
@@ -70,17 +70,20 @@ def parse_predict_response(message: bytes) -> tuple[int, str, list[Reply]]:
 def make_model_dir(
     folder: Path, model: str, weights: Path, handler_settings: dict | None = None
 ) -> Path:
-    """A folder shaped like the extracted archive: manifest, model-config.yaml, weights/."""
+    """A folder shaped like the extracted archive: manifest, model-config.yaml, the handler,
+    weights/."""
+    model_spec = spec(model)
     folder.mkdir(parents=True, exist_ok=True)
-    config = yaml.safe_load((PROJECT_ROOT / "configs" / model / "model-config.yaml").read_text())
+    config = yaml.safe_load(model_spec.config_file.read_text())
     config["handler"].update(handler_settings or {})
     (folder / "model-config.yaml").write_text(yaml.safe_dump(config))
+    shutil.copy(model_spec.handler_path, folder / model_spec.handler_file)
     (folder / "MAR-INF").mkdir(exist_ok=True)
     manifest = {
         "runtime": "python",
         "model": {
             "modelName": model,
-            "handler": HANDLER_FILES[model],
+            "handler": model_spec.handler_file,
             "modelVersion": "1.0",
             "configFile": "model-config.yaml",
         },
@@ -103,6 +106,11 @@ class ServedModel:
         from ts.model_loader import TsModelLoader
 
         manifest = json.loads((model_dir / "MAR-INF" / "MANIFEST.json").read_text())
+        # TorchServe's worker imports the handler from the model's folder; appended, so that
+        # handlers/ (on the path first, scripts/__init__.py) serves the project's models as
+        # the tests edit them
+        if str(model_dir) not in sys.path:
+            sys.path.append(str(model_dir))
         metrics = MetricsCacheYamlImpl(str(Path(ts.__file__).parent / "configs" / "metrics.yaml"))
         metrics.initialize_cache()
         self.service = TsModelLoader().load(

@@ -46,6 +46,7 @@ from typing import IO, TYPE_CHECKING, Any
 
 import requests
 import requests.auth
+from mmekit_limits import SAGEMAKER_PAYLOAD_BYTES
 from prometheus_client import CollectorRegistry, Counter, Gauge, Summary, generate_latest
 
 from scripts import PROJECT_ROOT
@@ -55,7 +56,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("mmekit.mme")
 
-MAX_BODY_BYTES = 6_291_456  # InvokeEndpoint's request and response payload limit
+MAX_BODY_BYTES = SAGEMAKER_PAYLOAD_BYTES  # InvokeEndpoint's request and response limit
 INVOCATION_TIMEOUT_S = 60.0  # SageMaker waits this long for the container's answer
 NOT_READY_AFTER_S = 60.0  # a model still loading then: ModelNotReadyException, load goes on
 LOAD_TIMEOUT_S = 360.0  # how long a load may go on at all
@@ -509,7 +510,9 @@ class Endpoint:
         if reply.status >= 400:
             raise model_error(self.name, reply.status, reply.text)
         if len(reply.body) > MAX_BODY_BYTES:
-            raise model_error(self.name, 413, "response payload larger than 6291456 bytes")
+            raise model_error(
+                self.name, 413, f"response payload larger than {MAX_BODY_BYTES} bytes"
+            )
         return reply
 
     def _forward(self, model: LoadedModel, body: bytes, content_type: str) -> Reply:

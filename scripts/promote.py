@@ -44,7 +44,8 @@ import yaml
 import mmekit_cuda  # the driver/CUDA rule the handlers also use (torch-free)
 from scripts import PROJECT_ROOT
 from scripts.archive import DEFAULT_STORE, read_manifest
-from scripts.weights import MODELS, sha256_of
+from scripts.models import MODELS, spec
+from scripts.weights import sha256_of
 
 SETTINGS_FILE = PROJECT_ROOT / "configs" / "promote.yaml"
 AMI_TABLE = PROJECT_ROOT / "configs" / "inference-amis.yaml"
@@ -1051,8 +1052,9 @@ def same_policy(current: dict, wanted: dict) -> bool:
 
 
 def check_reply(model: str, body: bytes) -> str | None:
-    """The response contract: JSON with a decodable image; SAM adds its scores. Returns the
-    device the model reported (asked for with report_device), None if it gave none."""
+    """The response contract: JSON with a decodable image, plus the keys the model's spec
+    adds (SAM's scores). Returns the device the model reported (asked for with
+    report_device), None if it gave none."""
     from PIL import Image
 
     try:
@@ -1061,8 +1063,9 @@ def check_reply(model: str, body: bytes) -> str | None:
         image.verify()
     except Exception as error:
         raise PromoteError(f"smoke: {model} answered outside the contract ({error})") from None
-    if model == "sam" and "scores" not in reply:
-        raise PromoteError("smoke: sam answered without scores")
+    missing = [key for key in spec(model).reply_keys if key not in reply]
+    if missing:
+        raise PromoteError(f"smoke: {model} answered without {', '.join(missing)}")
     device = reply.get("device")
     return device if isinstance(device, str) else None
 

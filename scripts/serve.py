@@ -39,11 +39,13 @@ from pathlib import Path
 from typing import IO, Any
 
 import requests
+from mmekit_limits import SAGEMAKER_PAYLOAD_BYTES
 
 from scripts import PROJECT_ROOT
 from scripts.archive import DEFAULT_STORE, archive_models
 from scripts.examples import write_requests
-from scripts.weights import DEFAULT_ROOT, MODELS, WeightsChangedError
+from scripts.models import MODELS, spec
+from scripts.weights import DEFAULT_ROOT, WeightsChangedError
 
 RUN_DIR = PROJECT_ROOT / ".mmekit"  # TorchServe's working folder: key_file.json, logs/, pid
 COMPOSE_FILE = PROJECT_ROOT / "compose.yaml"
@@ -116,6 +118,7 @@ def render_profile(
         grpc_inference_port=ports.grpc_inference,
         grpc_management_port=ports.grpc_management,
         model_store=str(model_store),
+        payload_limit=SAGEMAKER_PAYLOAD_BYTES,
     )
 
 
@@ -635,12 +638,12 @@ def curl_lines(ports: Ports, requests_dir: Path) -> str:
     relative = os.path.relpath(requests_dir, PROJECT_ROOT)
     url = f"http://127.0.0.1:{ports.inference}/predictions"
     auth = '-H "Authorization: Bearer $(make -s token)"'
-    outputs = {"sam": "mask.png", "lama": "erased.png", "sd": "replaced.png"}
     lines = ["", "Try it (from the project folder):"]
-    for model, output in outputs.items():
+    for model in MODELS:
         lines.append(
             f"  curl -s {url}/{model} {auth} -H 'Content-Type: application/json' "
-            f"--data-binary @{relative}/{model}.json | python3 -m scripts.save_image {output}"
+            f"--data-binary @{relative}/{model}.json "
+            f"| python3 -m scripts.save_image {spec(model).curl_output}"
         )
     lines.append("Stop with Ctrl-C (or `make stop` when started with DETACH=1).")
     return "\n".join(lines)

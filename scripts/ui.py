@@ -40,10 +40,11 @@ import sys
 import threading
 from collections import OrderedDict
 from collections.abc import Callable
-from functools import lru_cache
+from functools import cache, lru_cache
 from pathlib import Path
 from typing import Any
 
+from mmekit_limits import MAX_SEED
 from PIL import Image
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
@@ -56,6 +57,7 @@ from starlette.staticfiles import StaticFiles
 from scripts import client
 from scripts.client import EditError, Picture, Target
 from scripts.loopback import LoopbackGuard
+from scripts.models import spec
 
 STATIC_DIR = Path(__file__).resolve().parent / "ui_static"
 HOST = "127.0.0.1"
@@ -63,17 +65,10 @@ DEFAULT_PORT = 8095
 # A browser sends the image (and a mask) base64'd: 12 MB covers a ~6 MB photo, and anything
 # larger could not reach SageMaker anyway (6 MB per invocation).
 MAX_REQUEST_BYTES = 12 * 1024 * 1024
-MAX_DILATE = 255  # the handlers' max_dilate_kernel_size
-MAX_STEPS = 100  # SD's max_num_inference_steps
-MAX_SEED = 2**32 - 1
 SAMPLES = ("chelsea", "astronaut")
 # Pictures kept for clicks that send an image_id: as many as SAM's embedding cache holds by
 # default (embedding_cache_size), past which the target would have to see the image again anyway.
 RECENT_PICTURES = 8
-# EditError's exit codes as HTTP: the request as sent (2) or the model's refusal (4) is the
-# user's to fix; an unreachable (3) or failing (5) target is a bad gateway.
-STATUS_BY_EXIT_CODE = {2: 400, 3: 502, 4: 400, 5: 502}
-ERROR_BY_EXIT_CODE = {2: "bad_request", 3: "unreachable", 4: "refused", 5: "target_failed"}
 
 
 class BadRequest(Exception):
@@ -93,8 +88,9 @@ def edit_error_response(error: EditError) -> JSONResponse:
     message = str(error)
     # the client's advice is for its command line; here the server is what takes the flag
     message = message.replace("pass --max-side", "start the editor with --max-side")
-    status = STATUS_BY_EXIT_CODE.get(error.exit_code, 502)
-    return error_response(status, ERROR_BY_EXIT_CODE.get(error.exit_code, "failed"), message)
+    # each kind carries its status: the request as sent or the model's refusal is the user's to
+    # fix (400); an unreachable or failing target is a bad gateway (502)
+    return error_response(error.http_status, error.kind, message)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -179,6 +175,19 @@ def read_points(payload: dict) -> tuple[list[tuple[float, float]], list[int]]:
     if any(isinstance(label, bool) or label not in (0, 1) for label in labels):
         raise BadRequest("invalid_labels", "each label is 1 (object) or 0 (background)")
     return parsed, [int(label) for label in labels]
+
+
+@cache
+def model_settings(model: str) -> dict:
+    """The `handler:` knobs of configs/<model>/model-config.yaml: the editor checks what a page
+    sends against the model's own limits, so a request it lets through is one the model takes."""
+    import yaml
+
+    return yaml.safe_load(spec(model).config_file.read_text())["handler"]
+
+
+def read_dilate(payload: dict, model: str) -> int:
+    return read_int(payload, "dilate", 0, 0, model_settings(model)["max_dilate_kernel_size"])
 
 
 def read_image_id(payload: dict) -> str | None:
@@ -272,7 +281,7 @@ class Editor:
 
     def segment(self, payload: dict) -> dict:
         points, labels = read_points(payload)
-        dilate = read_int(payload, "dilate", 0, 0, MAX_DILATE)
+        dilate = read_dilate(payload, "sam")
         image_id = read_image_id(payload)
         picture = self.picture(payload) if image_id is None else self.known_picture(image_id)
         reply = client.segment_reply(self.target, picture, points, labels, dilate, image_id)
@@ -283,7 +292,7 @@ class Editor:
         return {**client.reply_info(reply), "mask": mask, "width": width, "height": height}
 
     def erase(self, payload: dict) -> dict:
-        dilate = read_int(payload, "dilate", 0, 0, MAX_DILATE)
+        dilate = read_dilate(payload, "lama")
         picture = self.picture(payload)
         result = client.erase(self.target, picture, self.mask(payload, picture), dilate)
         return {"image": png_base64(result)}
@@ -291,12 +300,19 @@ class Editor:
     def replace(self, payload: dict) -> dict:
         prompt = read_text(payload, "prompt", required=True)
         negative_prompt = read_text(payload, "negative_prompt")
+        sd = model_settings("sd")
         seed = read_int(payload, "seed", None, 0, MAX_SEED)
-        steps = read_int(payload, "steps", 30, 1, MAX_STEPS)
-        guidance = payload.get("guidance", 7.5)
-        if not is_number(guidance) or not 0 <= guidance <= 30:
-            raise BadRequest("invalid_guidance", "'guidance' must be a number from 0 to 30")
-        dilate = read_int(payload, "dilate", 0, 0, MAX_DILATE)
+        # steps and guidance not given are the model's defaults (its model-config.yaml)
+        steps = read_int(payload, "steps", None, 1, sd["max_num_inference_steps"])
+        guidance = payload.get("guidance")
+        if guidance is not None and not (
+            is_number(guidance) and 0 <= guidance <= sd["max_guidance_scale"]
+        ):
+            raise BadRequest(
+                "invalid_guidance",
+                f"'guidance' must be a number from 0 to {sd['max_guidance_scale']}",
+            )
+        dilate = read_dilate(payload, "sd")
         picture = self.picture(payload)
         mask = self.mask(payload, picture)
         result, used_seed = client.replace(

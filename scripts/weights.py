@@ -30,16 +30,10 @@ import yaml
 
 import mmekit_models  # noqa: E402  (handlers/ is on sys.path, see scripts/__init__.py)
 from scripts import PROJECT_ROOT
+from scripts.models import MODELS, RANDOM_TIERS, TIERS, resolve, spec
 
-MODELS = ("sam", "lama", "sd")
-TIERS = ("tiny", "synthetic", "full")
 DEFAULT_ROOT = PROJECT_ROOT / "weights"
 FULL_TIER_PINS = PROJECT_ROOT / "configs" / "weights-full.yaml"
-FULL_TIER_VARIANTS = {"sam": "vit_h", "lama": "big-lama", "sd": "sd2-inpainting"}
-RANDOM_TIER_VARIANTS = {
-    "tiny": {"sam": "tiny", "lama": "tiny", "sd": "tiny"},
-    "synthetic": {"sam": "vit_b", "lama": "big-lama", "sd": "sd2-inpainting"},
-}
 # Bump when a builder changes what it writes, so stale random weights get rebuilt.
 BUILD_REVISION = 1
 
@@ -101,8 +95,22 @@ def sd_tokenizer(variant: str) -> Any:
     return mmekit_models.clip_tokenizer_from_bpe(Path(default_bpe()))
 
 
+def random_sam(variant: str, seed: int, folder: Path) -> None:
+    save_state_dict(mmekit_models.build_sam(variant).state_dict(), folder)
+
+
+def random_lama(variant: str, seed: int, folder: Path) -> None:
+    save_state_dict(mmekit_models.build_lama_network(variant).state_dict(), folder)
+
+
+def random_sd(variant: str, seed: int, folder: Path) -> None:
+    pipeline = mmekit_models.build_sd_pipeline(variant, seed, sd_tokenizer(variant))
+    pipeline.save_pretrained(str(folder), safe_serialization=True)
+
+
 def build_random(model: str, variant: str, tier: str, folder: Path, seed: int = 0) -> Path:
-    """A seeded random-initialised model of `variant`, saved as served."""
+    """A seeded random-initialised model of `variant`, saved as served (by the model's own
+    builder, scripts/models.py)."""
     info = {
         "model": model,
         "variant": variant,
@@ -113,12 +121,7 @@ def build_random(model: str, variant: str, tier: str, folder: Path, seed: int = 
     }
     with StagedFolder(folder) as staging:
         torch.manual_seed(seed)
-        if model == "sd":
-            pipeline = mmekit_models.build_sd_pipeline(variant, seed, sd_tokenizer(variant))
-            pipeline.save_pretrained(str(staging), safe_serialization=True)
-        else:
-            module = mmekit_models.MODEL_BUILDERS[model](variant)
-            save_state_dict(module.state_dict(), staging)
+        resolve(spec(model).random_weights)(variant, seed, staging)
         write_info(staging, info)
     return folder
 
@@ -131,7 +134,9 @@ def build_tier(
     variants: dict[str, str] | None = None,
 ) -> list[Path]:
     """Build the random weights of `tier` (tiny or synthetic); up-to-date folders are kept."""
-    chosen = {**RANDOM_TIER_VARIANTS[tier], **(variants or {})}
+    if tier not in RANDOM_TIERS:
+        raise ValueError(f"{tier} weights are fetched, not built: {', '.join(RANDOM_TIERS)}")
+    chosen = {model: spec(model).variant(tier) for model in models} | (variants or {})
     built = []
     for model in models:
         folder = weights_dir(root, tier, model)
@@ -372,9 +377,6 @@ def fetch_sd(pins: dict, variant: str, folder: Path, downloads: Path, progress: 
         )
 
 
-FETCHERS = {"sam": fetch_sam, "lama": fetch_lama, "sd": fetch_sd}
-
-
 def is_current(folder: Path, root: Path, variant: str, source: dict) -> bool:
     """Whether `folder` was converted from these pinned files and is unchanged since; a changed
     one is reported and then converted again (from the downloads, which are re-verified)."""
@@ -401,7 +403,7 @@ def fetch_full(
     A model whose folder already came from the same pinned files, and whose files still have
     the SHA-256 recorded when it was converted, is left alone.
     """
-    chosen = {**FULL_TIER_VARIANTS, **(variants or {})}
+    chosen = {model: spec(model).variant("full") for model in models} | (variants or {})
     pins = load_pins(pins_path)
     downloads = Path(root) / "downloads"
     downloads.mkdir(parents=True, exist_ok=True)
@@ -418,7 +420,7 @@ def fetch_full(
             print(f"full {model} ({chosen[model]}) is up to date", flush=True)
         else:
             print(f"fetching full {model} ({chosen[model]})", flush=True)
-            FETCHERS[model](pins[model], chosen[model], folder, downloads, progress)
+            resolve(spec(model).fetcher)(pins[model], chosen[model], folder, downloads, progress)
         fetched.append(folder)
     return fetched
 
@@ -442,7 +444,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--root", type=Path, default=DEFAULT_ROOT, help="weights folder")
     commands = parser.add_subparsers(dest="command", required=True)
     build = commands.add_parser("build", help="build random weights (tiny or synthetic)")
-    build.add_argument("--tier", choices=sorted(RANDOM_TIER_VARIANTS), default="tiny")
+    build.add_argument("--tier", choices=sorted(RANDOM_TIERS), default="tiny")
     build.add_argument("--models", nargs="+", choices=MODELS, default=list(MODELS))
     build.add_argument("--sam-variant", choices=sorted(mmekit_models.SAM_VARIANTS))
     build.add_argument("--force", action="store_true", help="rebuild even when up to date")

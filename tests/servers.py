@@ -20,6 +20,7 @@ import requests
 from scripts.archive import archive_models
 from scripts.examples import write_requests
 from scripts.mme import Backend, extract_tarball, start_torchserve
+from scripts.models import MODELS
 from scripts.promote import served_digests
 from scripts.serve import (
     NativeRuntime,
@@ -30,7 +31,6 @@ from scripts.serve import (
     wait_for_token,
     wait_until_ready,
 )
-from scripts.weights import MODELS
 
 READY_TIMEOUT_S = 240
 # What the serving tests did with which store: a run that served a store and passed whole is

@@ -29,7 +29,7 @@ import pytest
 import yaml
 
 from scripts import PROJECT_ROOT, container, engine, image, serve
-from scripts.weights import MODELS
+from scripts.models import MODELS
 
 DOCKERFILE = PROJECT_ROOT / "Dockerfile"
 DOCKERIGNORE = PROJECT_ROOT / ".dockerignore"

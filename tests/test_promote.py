@@ -25,7 +25,7 @@ from PIL import Image
 import mmekit_cuda
 from scripts import promote
 from scripts.archive import archive_models, read_manifest, write_manifest
-from scripts.weights import MODELS
+from scripts.models import MODELS
 from tests.conftest import BUCKET, FAKE_SECRET, IMAGE, IMAGE_TAG_URI, ROLE
 
 AMI_12 = "al2-ami-sagemaker-inference-gpu-2"  # driver 535: CUDA 12.x builds

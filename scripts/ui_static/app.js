@@ -298,7 +298,7 @@ function editRequest(kind) {
   if (kind === "replace") {
     body.prompt = $("prompt").value.trim();
     body.negative_prompt = $("negative-prompt").value.trim();
-    body.steps = Number($("steps").value) || 30;
+    if ($("steps").value !== "") body.steps = Number($("steps").value); // else the model's
     if ($("seed").value !== "") body.seed = Number($("seed").value);
   }
   return body;

@@ -404,3 +404,40 @@ def test_settings_are_type_checked_at_load():
     for bad in ({"count": True}, {"count": 1.5}, {"ratio": "0.5"}, {"count": "3"}):
         with pytest.raises(ValueError, match=next(iter(bad))):
             common.read_settings(Knobs, bad)
+
+
+def test_a_setting_without_a_default_must_be_in_the_config_and_unions_are_checked():
+    from dataclasses import dataclass
+
+    @dataclass(frozen=True)
+    class Knobs:
+        steps: int
+        mode: str | int = "best"
+
+    with pytest.raises(ValueError, match="no setting steps under handler:"):
+        common.read_settings(Knobs, {"mode": 1})
+    assert common.read_settings(Knobs, {"steps": 3, "mode": 2}) == Knobs(3, 2)
+    with pytest.raises(ValueError, match="expected str or int"):
+        common.read_settings(Knobs, {"steps": 3, "mode": 1.5})
+
+
+@pytest.mark.parametrize("model", ["sam", "lama", "sd"])
+def test_an_unknown_setting_stops_the_model_at_load_naming_it(serve, model):
+    with pytest.raises(ValueError, match="unknown setting.*max_dilate_kernal_size"):
+        serve(model, max_dilate_kernal_size=9)  # a typo: silently ignored before
+
+
+def test_every_knob_in_the_shipped_configs_is_read_by_its_handler():
+    import yaml
+
+    from scripts import PROJECT_ROOT
+
+    handlers = {"sam": "sam_handler.SamHandler", "lama": "lama_handler.LamaHandler",
+                "sd": "sd_handler.SdHandler"}  # fmt: skip
+    for model, dotted in handlers.items():
+        module, name = dotted.split(".")
+        handler_class = getattr(__import__(module), name)
+        config = PROJECT_ROOT / "configs" / model / "model-config.yaml"
+        settings = yaml.safe_load(config.read_text())["handler"]
+        common.refuse_unknown_settings(settings, handler_class.Settings)
+        common.read_settings(handler_class.Settings, settings)  # every knob typed, none missing

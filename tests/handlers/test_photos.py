@@ -13,11 +13,12 @@ import json
 
 import numpy as np
 import pytest
+from mmekit_limits import SAGEMAKER_PAYLOAD_BYTES
 from PIL import Image
 
 from tests.support import b64, box_mask, decode_image, photo_like, photo_request
 
-RESPONSE_LIMIT = 6_291_456
+RESPONSE_LIMIT = SAGEMAKER_PAYLOAD_BYTES
 PHOTOS = {"12MP": (4032, 3024), "24MP": (6000, 4000)}
 OBJECT = (2600, 1400, 3200, 1900)  # a 600 x 500 object to erase or replace
 DILATE = 15

@@ -489,7 +489,8 @@ def test_a_flipped_byte_in_fetched_weights_is_caught_before_archiving(
     tensors.write_bytes(flipped(data, len(data) - 1, 0x40))
     figures.add(faults_injected=1)
     refetched = []
-    monkeypatch.setitem(weights.FETCHERS, "sam", lambda *args: refetched.append(args))
+    # the registry names the fetcher, imported when called: the module's attribute is the one
+    monkeypatch.setattr(weights, "fetch_sam", lambda *args: refetched.append(args))
     try:
         weights.fetch_full(root, {"sam": "tiny"}, ("sam",), pins, progress=False)
     except Exception as error:  # refusing, naming the file, would do as well as re-fetching

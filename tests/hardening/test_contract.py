@@ -30,10 +30,10 @@ from openapi_schema_validator import OAS30Validator
 from schemathesis import GenerationMode, checks
 
 from scripts import PROJECT_ROOT
+from scripts.models import MODELS, spec
 from tests.servers import Server
 
 DOC = PROJECT_ROOT / "docs" / "openapi.yaml"
-MODELS = ("sam", "lama", "sd")
 OPERATIONS = [("get", "/ping"), *(("post", f"/predictions/{m}") for m in MODELS)]
 MAX_EXAMPLES = 20
 # the schema is built at import, before fixtures exist: read the `full` switch the same way
@@ -45,8 +45,7 @@ def document() -> dict:
 
 
 def model_settings(model: str) -> dict:
-    config = PROJECT_ROOT / "configs" / model / "model-config.yaml"
-    return yaml.safe_load(config.read_text())["handler"]
+    return yaml.safe_load(spec(model).config_file.read_text())["handler"]
 
 
 def validator(spec: dict, schema: dict) -> OAS30Validator:

@@ -40,9 +40,8 @@ import pytest
 import requests
 import yaml
 
-from scripts import HANDLERS_DIR, PROJECT_ROOT
+from scripts import HANDLERS_DIR
 from scripts.archive import (
-    HANDLER_FILES,
     SHARED_MODULES,
     ArchiveInputs,
     link_or_copy,
@@ -51,6 +50,7 @@ from scripts.archive import (
 )
 from scripts.examples import ball_mask, encode, scene, write_requests
 from scripts.examples import requests as example_requests
+from scripts.models import MODELS, spec
 from scripts.serve import (
     NativeRuntime,
     Ports,
@@ -62,7 +62,6 @@ from scripts.serve import (
     wait_for_token,
     wait_until_ready,
 )
-from scripts.weights import MODELS
 from tests.servers import Server, start_server
 
 RECOVERY_BOUND_S = 10.0  # the issue: the next request succeeds within 10 s
@@ -120,14 +119,12 @@ def build_test_archive(
         work = Path(workdir)
         handler = work / f"fault_{name}.py"  # never lama_handler.py: that one ships beside it
         handler.write_text(handler_source)
-        config = yaml.safe_load(
-            (PROJECT_ROOT / "configs" / "lama" / "model-config.yaml").read_text()
-        )
+        config = yaml.safe_load(spec("lama").config_file.read_text())
         if response_timeout is not None:
             config["responseTimeout"] = response_timeout
         config_path = work / "model-config.yaml"
         config_path.write_text(yaml.safe_dump(config, sort_keys=False))
-        shared = (*SHARED_MODULES, HANDLER_FILES["lama"])
+        shared = (*SHARED_MODULES, spec("lama").handler_file)
         inputs = ArchiveInputs(
             model=name,
             tier="tiny",

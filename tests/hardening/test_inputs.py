@@ -26,12 +26,13 @@ import numpy as np
 import psutil
 import pytest
 import requests
+from mmekit_limits import SAGEMAKER_PAYLOAD_BYTES
 from PIL import Image
 
 from tests.servers import Server
 from tests.support import box_mask, image_bytes, random_image
 
-BODY_LIMIT = 6_291_456  # max_request_size in the local profile: SageMaker's InvokeEndpoint limit
+BODY_LIMIT = SAGEMAKER_PAYLOAD_BYTES  # max_request_size in the local profile
 WIDTH, HEIGHT = 64, 48
 DROP = object()  # an override that removes the field
 

@@ -30,7 +30,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from scripts.weights import MODELS
+from scripts.models import MODELS
 from tests.hardening.test_faults import Outcome, examples, frontend, post, worker_pid
 from tests.servers import Server, start_server
 

@@ -36,11 +36,12 @@ from scripts.mme import (
     make_s3_client,
     model_name,
 )
+from scripts.models import MODELS
 from scripts.serve import free_ports
 from tests.servers import Server, emulator_backend
 
 ENDPOINT = "mmekit-test"
-MODELS = ("sam.tar.gz", "lama.tar.gz", "sd.tar.gz")
+TARGETS = tuple(f"{model}.tar.gz" for model in MODELS)  # SageMaker's TargetModel names
 
 
 def runtime_client(url: str):
@@ -218,7 +219,7 @@ def test_unloading_deletes_the_model_from_torchserve(fresh: Emulator):
 def test_least_recently_used_model_is_evicted_past_the_memory_budget(
     fresh: Emulator, served_store: Path
 ):
-    sizes = {target: extracted_size(served_store / target) for target in MODELS}
+    sizes = {target: extracted_size(served_store / target) for target in TARGETS}
     fresh.endpoint.memory_budget_bytes = sum(sizes.values()) - 1  # room for two of three
     bodies = requests_by_target()
     fresh.invoke("sam.tar.gz", bodies["sam.tar.gz"])

@@ -10,13 +10,14 @@ import time
 import numpy as np
 import pytest
 import requests
+from mmekit_limits import SAGEMAKER_PAYLOAD_BYTES
 
 from scripts.archive import read_manifest
 from scripts.examples import BALL_CENTRE, scene
 from tests.servers import Server, extract_like_sagemaker
 from tests.support import b64, decode_image
 
-SAGEMAKER_BODY_LIMIT = 6_291_456
+SAGEMAKER_BODY_LIMIT = SAGEMAKER_PAYLOAD_BYTES
 
 
 def click(point=BALL_CENTRE) -> str:

@@ -19,7 +19,7 @@ import uvicorn
 from PIL import Image, ImageDraw, ImageFilter
 from starlette.testclient import TestClient
 
-from scripts import ui
+from scripts import client, ui
 from scripts.client import IMAGE_ID, UNKNOWN_IMAGE_ID, EditError, LocalTarget, png_bytes, refused
 from scripts.serve import free_ports
 from tests.servers import Server
@@ -319,13 +319,22 @@ def test_a_body_over_the_limit_is_refused_unread(api: TestClient, monkeypatch):
     assert streamed.status_code == 400 and streamed.json()["error"] == "too_large"
 
 
-@pytest.mark.parametrize("exit_code, status", [(2, 400), (3, 502), (4, 400), (5, 502)])
-def test_client_errors_map_to_400_or_502_with_their_message(exit_code: int, status: int):
-    target = FakeTarget(EditError(f"went wrong with code {exit_code}", exit_code))
+@pytest.mark.parametrize(
+    ("kind", "exit_code", "status", "error"),
+    [
+        (client.CannotSend, 2, 400, "bad_request"),
+        (client.Unreachable, 3, 502, "unreachable"),
+        (client.Refused, 4, 400, "refused"),
+        (client.TargetFailed, 5, 502, "target_failed"),
+    ],
+)
+def test_client_errors_map_to_400_or_502_with_their_message(kind, exit_code, status, error):
+    assert kind.exit_code == exit_code and issubclass(kind, EditError)  # the CLI's exit code
+    target = FakeTarget(kind(f"went wrong with code {exit_code}"))
     api = TestClient(ui.create_app(target), base_url=LOOPBACK)
     body = {"image": b64(png_bytes(gradient())), "points": [[3, 3]]}
     reply = api.post("/api/segment", json=body)
-    assert reply.status_code == status
+    assert reply.status_code == status and reply.json()["error"] == error
     assert reply.json()["message"] == f"went wrong with code {exit_code}"
 
 
