@@ -18,19 +18,11 @@ from tests.servers import (  # noqa: F401 - the server fixtures, for every test 
     print_server_logs_on_failure,
     sagemaker_server,
     served_store,
-    serving_run,
 )
 from tests.support import ServedModel, make_model_dir
 
-SERVING_TESTS = "tests/serving/"
-# The flows a promoted archive must have passed: local erase/replace, SageMaker's registration
-# and invoke path, and boto3 through the multi-model endpoint emulator.
-GATE_TESTS = {
-    "test_erase_flow_click_then_mask_then_lama",
-    "test_replace_flow_click_then_mask_then_sd",
-    "test_sagemaker_profile_serves_the_same_flows",
-    "test_boto3_through_the_emulator_matches_torchserve_directly",
-}
+# make promote's gate: which archives passed the serving flows (tests/gate.py)
+pytest_plugins = ["tests.gate"]
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -67,29 +59,7 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo) -> objec
     """Keep each phase's report on the test, so fixtures can tell a failure from a pass."""
     report = yield
     setattr(item, f"report_{report.when}", report)
-    if SERVING_TESTS in item.nodeid.replace("\\", "/"):
-        if report.failed:
-            serving_run["failed"] += 1
-        elif report.when == "call" and report.passed:
-            serving_run["passed"].add(item.originalname)
     return report
-
-
-def pytest_deselected(items: list[pytest.Item]) -> None:
-    serving_run["deselected"] += sum(SERVING_TESTS in item.nodeid for item in items)
-
-
-def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
-    """The gate's flows passed and nothing failed: record the served archives' SHA-256."""
-    store = serving_run["store"]
-    complete = GATE_TESTS <= serving_run["passed"] and not serving_run["failed"]
-    if exitstatus != 0 or store is None or not complete or serving_run["deselected"]:
-        return
-    from scripts.promote import record_tested
-
-    summary = f"{len(serving_run['passed'])} serving tests passed"
-    recorded = record_tested(store, summary, digests=serving_run["digests"])
-    print(f"\nrecorded {len(recorded)} tested archive(s) from {store} for `make promote`")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -33,9 +33,6 @@ from scripts.serve import (
 )
 
 READY_TIMEOUT_S = 240
-# What the serving tests did with which store: a run that served a store and passed whole is
-# recorded for `make promote`'s gate (tests/conftest.py: pytest_sessionfinish).
-serving_run: dict = {"store": None, "digests": {}, "passed": set(), "failed": 0, "deselected": 0}
 
 
 @dataclass
@@ -148,8 +145,10 @@ def served_store(
     else:
         store = tmp_path_factory.mktemp("model_store")
         archive_models(MODELS, "tiny", store, weights_root)
-    serving_run["store"] = store
-    serving_run["digests"] = served_digests(store)  # what is served now is what gets recorded
+    from tests.gate import serving_run  # the plugin's own module (imported by pytest first)
+
+    serving_run.store = store  # make promote's gate records it if the flows pass (tests/gate.py)
+    serving_run.digests = served_digests(store)  # what is served now is what gets recorded
     return store
 
 

@@ -549,6 +549,7 @@ def test_metrics_are_prometheus_text(fresh: Emulator):
 # -- parity ----------------------------------------------------------------------------------
 
 
+@pytest.mark.gate("emulator")
 def test_boto3_through_the_emulator_matches_torchserve_directly(
     fresh: Emulator, local_server: Server
 ):

@@ -38,6 +38,7 @@ def assert_only_masked_pixels_changed(result: np.ndarray, mask: np.ndarray) -> N
 # -- the two user flows ----------------------------------------------------------------------
 
 
+@pytest.mark.gate("erase")
 def test_erase_flow_click_then_mask_then_lama(local_server: Server):
     mask_png = local_server.predict("sam", click()).json()["generated_image"]
     mask = np.asarray(decode_image(mask_png)) > 0
@@ -48,6 +49,7 @@ def test_erase_flow_click_then_mask_then_lama(local_server: Server):
     assert_only_masked_pixels_changed(image_of(erased), mask)
 
 
+@pytest.mark.gate("replace")
 def test_replace_flow_click_then_mask_then_sd(local_server: Server):
     mask_png = local_server.predict("sam", click()).json()["generated_image"]
     mask = np.asarray(decode_image(mask_png)) > 0
@@ -210,6 +212,7 @@ def wait_for(server: Server, model: str, body: str) -> requests.Response:
         time.sleep(0.5)
 
 
+@pytest.mark.gate("sagemaker_profile")
 def test_sagemaker_profile_serves_the_same_flows(registered: Server):
     mask_png = wait_for(registered, "sam", click()).json()["generated_image"]
     mask = np.asarray(decode_image(mask_png)) > 0
