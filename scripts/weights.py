@@ -23,14 +23,26 @@ import sys
 import time
 import zipfile
 from pathlib import Path
-from typing import Any
+from types import ModuleType
+from typing import TYPE_CHECKING, Any
 
-import torch
 import yaml
 
-import mmekit_models  # noqa: E402  (handlers/ is on sys.path, see scripts/__init__.py)
 from scripts import PROJECT_ROOT
 from scripts.models import MODELS, RANDOM_TIERS, TIERS, resolve, spec
+
+if TYPE_CHECKING:
+    from torch import Tensor
+
+
+def handler_models() -> ModuleType:
+    """handlers/mmekit_models (the builders and loaders serving uses), imported on first use:
+    it imports torch, which the tools that only read names and digests (promote's dry run,
+    make iam-policy, the archive manifest) never need."""
+    import mmekit_models  # handlers/ is on sys.path (scripts/__init__.py)
+
+    return mmekit_models
+
 
 DEFAULT_ROOT = PROJECT_ROOT / "weights"
 FULL_TIER_PINS = PROJECT_ROOT / "configs" / "weights-full.yaml"
@@ -43,7 +55,7 @@ def weights_dir(root: Path, tier: str, model: str) -> Path:
 
 
 def read_info(folder: Path) -> dict | None:
-    path = folder / mmekit_models.WEIGHTS_INFO_FILE
+    path = folder / handler_models().WEIGHTS_INFO_FILE
     return json.loads(path.read_text()) if path.is_file() else None
 
 
@@ -53,16 +65,16 @@ def write_info(folder: Path, info: dict) -> None:
     tiers are rebuilt from their seed instead."""
     if info.get("tier") == "full":
         info = {**info, "files": folder_digests(folder)}
-    (folder / mmekit_models.WEIGHTS_INFO_FILE).write_text(
+    (folder / handler_models().WEIGHTS_INFO_FILE).write_text(
         json.dumps(info, indent=2, sort_keys=True) + "\n"
     )
 
 
-def save_state_dict(state_dict: dict[str, torch.Tensor], folder: Path) -> None:
+def save_state_dict(state_dict: dict[str, Tensor], folder: Path) -> None:
     from safetensors.torch import save_file
 
     tensors = {name: tensor.detach().contiguous().cpu() for name, tensor in state_dict.items()}
-    save_file(tensors, str(folder / mmekit_models.SAFETENSORS_FILE))
+    save_file(tensors, str(folder / handler_models().SAFETENSORS_FILE))
 
 
 class StagedFolder:
@@ -89,22 +101,22 @@ class StagedFolder:
 def sd_tokenizer(variant: str) -> Any:
     """The tiny variant's tokenizer is generated; real-size ones use CLIP's own vocabulary."""
     if variant == "tiny":
-        return mmekit_models.build_clip_tokenizer()
+        return handler_models().build_clip_tokenizer()
     from open_clip.tokenizer import default_bpe  # the package data file; no model is loaded
 
-    return mmekit_models.clip_tokenizer_from_bpe(Path(default_bpe()))
+    return handler_models().clip_tokenizer_from_bpe(Path(default_bpe()))
 
 
 def random_sam(variant: str, seed: int, folder: Path) -> None:
-    save_state_dict(mmekit_models.build_sam(variant).state_dict(), folder)
+    save_state_dict(handler_models().build_sam(variant).state_dict(), folder)
 
 
 def random_lama(variant: str, seed: int, folder: Path) -> None:
-    save_state_dict(mmekit_models.build_lama_network(variant).state_dict(), folder)
+    save_state_dict(handler_models().build_lama_network(variant).state_dict(), folder)
 
 
 def random_sd(variant: str, seed: int, folder: Path) -> None:
-    pipeline = mmekit_models.build_sd_pipeline(variant, seed, sd_tokenizer(variant))
+    pipeline = handler_models().build_sd_pipeline(variant, seed, sd_tokenizer(variant))
     pipeline.save_pretrained(str(folder), safe_serialization=True)
 
 
@@ -119,6 +131,8 @@ def build_random(model: str, variant: str, tier: str, folder: Path, seed: int = 
         "build_revision": BUILD_REVISION,
         "note": "random weights: outputs are meaningless",
     }
+    import torch
+
     with StagedFolder(folder) as staging:
         torch.manual_seed(seed)
         resolve(spec(model).random_weights)(variant, seed, staging)
@@ -185,7 +199,7 @@ def folder_files(folder: Path) -> list[str]:
     return sorted(
         path.relative_to(folder).as_posix()
         for path in folder.rglob("*")
-        if path.is_file() and path.name != mmekit_models.WEIGHTS_INFO_FILE
+        if path.is_file() and path.name != handler_models().WEIGHTS_INFO_FILE
     )
 
 
@@ -231,7 +245,7 @@ def cached_sha256(path: Path, entries: dict[str, dict]) -> str:
 def verify_folder(folder: Path, root: Path) -> None:
     """Raise WeightsChangedError naming the first file of `folder` that differs from the
     SHA-256 its mmekit_model.json recorded (or is missing, or was added since)."""
-    info_path = folder / mmekit_models.WEIGHTS_INFO_FILE
+    info_path = folder / handler_models().WEIGHTS_INFO_FILE
     recorded = (read_info(folder) or {}).get("files")
     if not isinstance(recorded, dict) or not recorded:
         raise WeightsChangedError(f"{info_path} records no file digests to verify the folder by")
@@ -273,8 +287,10 @@ def fetch_sam(pins: dict, variant: str, folder: Path, downloads: Path, progress:
     pin = pins[variant]
     checkpoint = download(pin, downloads, progress)
     # Meta's .pth is a plain state dict: weights_only refuses anything but tensors
+    import torch
+
     state_dict = torch.load(checkpoint, map_location="cpu", weights_only=True)
-    mmekit_models.build_sam(variant).load_state_dict(state_dict, strict=True)  # layout check
+    handler_models().build_sam(variant).load_state_dict(state_dict, strict=True)  # layout check
     with StagedFolder(folder) as staging:
         save_state_dict(state_dict, staging)
         write_info(
@@ -305,16 +321,13 @@ def fetch_lama(pins: dict, variant: str, folder: Path, downloads: Path, progress
         )
 
 
-SD_TENSOR_FILES = mmekit_models.SD_TENSOR_FILES
-
-
 def write_sd_folder(variant: str, tensors: dict[str, Path], folder: Path) -> None:
     """A diffusers folder for `variant` from its component tensors: the configs come from the
     registry and the tokenizer from CLIP's vocabulary, so only tensors are ever downloaded."""
     import diffusers
     from transformers import CLIPTextConfig
 
-    configs = mmekit_models.SD_VARIANTS[variant]
+    configs = handler_models().SD_VARIANTS[variant]
     tokenizer = sd_tokenizer(variant)
 
     def write_json(relative: str, content: dict) -> None:
@@ -335,7 +348,7 @@ def write_sd_folder(variant: str, tensors: dict[str, Path], folder: Path) -> Non
         "scheduler/scheduler_config.json",
         {"_class_name": "PNDMScheduler", "_diffusers_version": version, **configs["scheduler"]},
     )
-    text_config = CLIPTextConfig(**mmekit_models.sd_text_encoder_config(variant, tokenizer))
+    text_config = CLIPTextConfig(**handler_models().sd_text_encoder_config(variant, tokenizer))
     text_config.architectures = ["CLIPTextModel"]
     text_config.save_pretrained(str(folder / "text_encoder"))
     tokenizer.save_pretrained(str(folder / "tokenizer"))
@@ -356,7 +369,7 @@ def write_sd_folder(variant: str, tensors: dict[str, Path], folder: Path) -> Non
         },
     )
     for component, source in tensors.items():
-        target = folder / SD_TENSOR_FILES[component]
+        target = folder / handler_models().SD_TENSOR_FILES[component]
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(source, target)
 
@@ -446,7 +459,7 @@ def main(argv: list[str] | None = None) -> int:
     build = commands.add_parser("build", help="build random weights (tiny or synthetic)")
     build.add_argument("--tier", choices=sorted(RANDOM_TIERS), default="tiny")
     build.add_argument("--models", nargs="+", choices=MODELS, default=list(MODELS))
-    build.add_argument("--sam-variant", choices=sorted(mmekit_models.SAM_VARIANTS))
+    build.add_argument("--sam-variant", choices=sorted(handler_models().SAM_VARIANTS))
     build.add_argument("--force", action="store_true", help="rebuild even when up to date")
     fetch = commands.add_parser("fetch", help="download the real checkpoints (full tier)")
     fetch.add_argument("--sam-variant", choices=("vit_h", "vit_l", "vit_b"), default="vit_h")

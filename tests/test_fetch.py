@@ -82,7 +82,7 @@ def publish_tiny_checkpoints(base: str, folder: Path, tiny_weights) -> dict:
     )
 
     sd_files = {}
-    for component, relative in weights.SD_TENSOR_FILES.items():
+    for component, relative in mmekit_models.SD_TENSOR_FILES.items():
         target = folder / "sd" / relative
         target.parent.mkdir(parents=True, exist_ok=True)
         target.write_bytes((tiny_weights("sd") / relative).read_bytes())

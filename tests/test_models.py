@@ -172,3 +172,13 @@ def test_a_fourth_model_is_archived_served_and_benchmarked_from_its_entry_alone(
     for side in ("http", "in_process", "echo_http"):
         assert overhead[SCALE][side]["n"] == BENCH_ROUNDS
     assert isinstance(overhead[SCALE]["goal_met"], bool)
+
+
+@pytest.mark.parametrize("module", ["scripts.promote", "scripts.client", "scripts.archive"])
+def test_tools_that_only_read_names_and_digests_do_not_import_torch(module: str):
+    """make promote DRY_RUN=1, make iam-policy and the mmekit client start without torch."""
+    import subprocess
+    import sys
+
+    check = f"import sys, {module}; sys.exit('torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", check], cwd=PROJECT_ROOT).returncode == 0

@@ -83,7 +83,7 @@ def test_sd_folder_assembled_from_tensors_serves_like_save_pretrained(tmp_path, 
     """The full tier downloads only tensors and writes the rest; prove that folder loads and
     generates exactly what the diffusers-saved one does."""
     saved = tiny_weights("sd")
-    tensors = {name: saved / relative for name, relative in weights.SD_TENSOR_FILES.items()}
+    tensors = {name: saved / relative for name, relative in mmekit_models.SD_TENSOR_FILES.items()}
     assembled = tmp_path / "sd"
     assembled.mkdir()
     weights.write_sd_folder("tiny", tensors, assembled)
