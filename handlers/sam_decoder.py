@@ -12,8 +12,12 @@ mask decoder with the same weights, but:
 - each kernel-2/stride-2 transposed convolution is one matrix product over channels-last
   pixels (each input pixel owns its 2x2 output block), so no layout is rearranged until the
   few mask logits are;
-- `upscale` turns one 256x256 low-resolution mask into a full-size one: a handler upscales
-  only the mask it returns.
+- `predict_tokens` yields the predicted IoUs before any mask exists, so a handler picks its
+  mask first; `mask_logits` computes only the masks asked for, and `upscale` turns one
+  256x256 low-resolution mask into a full-size one.
+
+A prepared image holds the embedding plus its first-layer projections: about 14 MB (256
+channels at 64x64, float32) per cached image, where the embedding alone was 4 MB.
 
 The result matches `SamPredictor` to float rounding (tests/handlers/test_sam_decoder.py checks
 logits, scores and masks against it). The image encoder path (`encode`) is SamPredictor's
