@@ -132,7 +132,13 @@ class Served:
 def torchserve(run_dir: Path, store: Path, profile: str, models: list[str]) -> Iterator[Served]:
     """A native TorchServe on free loopback ports, ready when every model has answered."""
     from scripts.examples import write_requests
-    from scripts.serve import launch_native, shut_down, wait_for_token, wait_until_ready
+    from scripts.serve import (
+        launch_native,
+        shut_down,
+        wait_for_ping,
+        wait_for_token,
+        wait_until_ready,
+    )
 
     log_path = run_dir / "torchserve.log"
     runtime, process, ports = launch_native(run_dir, store, profile, models, log_path)
@@ -152,20 +158,6 @@ def torchserve(run_dir: Path, store: Path, profile: str, models: list[str]) -> I
     finally:
         served.session.close()
         shut_down(runtime, process)
-
-
-def wait_for_ping(url: str, process: subprocess.Popen, timeout: float = 300.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError("TorchServe exited at start")
-        try:
-            if requests.get(f"{url}/ping", timeout=2).status_code == 200:
-                return
-        except requests.RequestException:
-            pass
-        time.sleep(0.3)
-    raise RuntimeError(f"TorchServe did not answer /ping within {timeout:.0f} s")
 
 
 def echo_model(store: Path) -> str:

@@ -41,8 +41,6 @@ import json
 import os
 import subprocess
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -50,7 +48,7 @@ import psutil
 
 from scripts.examples import requests as example_requests
 from scripts.models import MODELS
-from scripts.serve import NativeRuntime, Ports, ServeError, read_token, render_profile
+from scripts.serve import NativeRuntime, Ports, Readiness, ServeError, read_token, render_profile
 
 IMAGE_ROOT = Path("/opt/mmekit")  # WORKDIR in the Dockerfile: scripts/, configs/, handlers/
 RUN_DIR = IMAGE_ROOT / "run"  # TorchServe's working folder (compose mounts .mmekit/compose)
@@ -235,19 +233,17 @@ def healthcheck(
     except (ServeError, OSError, ValueError, KeyError) as error:
         print(f"unhealthy: no inference token ({error})")
         return 1
-    request = urllib.request.Request(
-        f"{base_url}/predictions/sam",
-        data=json.dumps(example_requests(sd_steps=1)["sam"]).encode(),
-        headers={"Content-Type": "application/json", "Authorization": f"Bearer {token}"},
-        method="POST",
-    )
+    # serve's readiness rule, less the worker watch (Docker asks again every interval): a
+    # real request answering 200; a worker that died is unhealthy and says so
+    readiness = Readiness(base_url, token, request_timeout=timeout)
+    body = json.dumps(example_requests(sd_steps=1)["sam"]).encode()
     try:
-        with urllib.request.urlopen(request, timeout=timeout) as reply:
-            status = reply.status
-    except urllib.error.HTTPError as error:
-        status = error.code
-    except (urllib.error.URLError, OSError) as error:
+        status = readiness.answer("sam", body)
+    except ServeError as error:
         print(f"unhealthy: {error}")
+        return 1
+    if status is None:
+        print(f"unhealthy: no answer from {base_url}")
         return 1
     print(f"{'healthy' if status == 200 else 'unhealthy'}: sam answered HTTP {status}")
     return 0 if status == 200 else 1

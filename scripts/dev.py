@@ -52,11 +52,16 @@ from scripts.serve import (
     read_token,
     render_profile,
     shut_down,
+    wait_for_ping,
     wait_for_token,
+    wait_until,
 )
 from scripts.weights import DEFAULT_ROOT, build_tier, sha256_of, weights_dir
 
 PROBE_TIMEOUT_S = 120.0  # a new version that has not answered by then is given up
+PROBE_POLL_S = 0.2
+PING_TIMEOUT_S = 120.0  # TorchServe with no model starts in seconds
+TRACEBACK_SETTLE_S = 0.5  # a worker's traceback reaches model_log.log over several writes
 DRAIN_GRACE_S = 2.0  # plus 3x the new version's first answer: the old one's requests finish
 RESTART_NEEDED = re.compile(r".*\.properties$")  # TorchServe reads these at start-up only
 
@@ -206,21 +211,26 @@ class DevServer:
             return 0
 
     def wait_answering(self, model: str, version: int, since: int) -> None:
-        """Until the version answers a real request; ServeError with its error otherwise."""
-        deadline = time.monotonic() + PROBE_TIMEOUT_S
-        while time.monotonic() < deadline:
+        """Until the version answers a real request; ServeError with its error otherwise.
+
+        Not serve's Readiness rule, on purpose: dev loads a new *version* while the old one
+        keeps serving, so it probes /predictions/{model}/{version}; and a developer editing a
+        handler wants the traceback itself in the terminal, not a pointer to the log, so a
+        failure is found by reading this version's worker lines in model_log.log."""
+
+        def answered() -> bool:
             try:
-                reply = self.probe(model, version)
-                if reply.status_code == 200:
-                    return
+                if self.probe(model, version).status_code == 200:
+                    return True
             except requests.RequestException:
                 pass
             failure = self.worker_failure(model, version, since)
             if failure:
-                time.sleep(0.5)  # let the rest of the traceback reach the log
+                time.sleep(TRACEBACK_SETTLE_S)  # let the rest of the traceback reach the log
                 raise ServeError(self.worker_failure(model, version, since) or failure)
-            time.sleep(0.2)
-        raise ServeError(f"{model} v{version} did not answer within {PROBE_TIMEOUT_S:.0f} s")
+            return False
+
+        wait_until(answered, f"{model} v{version} to answer", PROBE_TIMEOUT_S, PROBE_POLL_S)
 
     def retire(self, model: str, version: int) -> None:
         self.unregister(model, version)
@@ -250,24 +260,14 @@ class DevServer:
         (self.run_dir / "key_file.json").unlink(missing_ok=True)
         process = self.runtime.start(config, [], foreground=True, log=log_stream)
         wait_for_token(self.run_dir, process)
-        self.wait_for_ping(process)
+        wait_for_ping(
+            self.inference_url,
+            process,
+            PING_TIMEOUT_S,
+            headers=self.headers("inference"),
+            session=self.session,
+        )
         return process
-
-    def wait_for_ping(self, process: subprocess.Popen, timeout: float = 120.0) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if process.poll() is not None:
-                raise ServeError("TorchServe exited at start; see its log")
-            try:
-                reply = self.session.get(
-                    f"{self.inference_url}/ping", headers=self.headers("inference"), timeout=2
-                )
-                if reply.status_code == 200:
-                    return
-            except (requests.RequestException, ServeError):
-                pass
-            time.sleep(0.2)
-        raise ServeError("TorchServe did not answer /ping")
 
     def reload(self, model: str, edited_at: float) -> bool:
         """Swap `model` to its edited code; False (old version kept) when the edit fails."""

@@ -32,10 +32,12 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from scripts import PROJECT_ROOT
+from scripts.polling import PollTimeout, poll_until
 
 PODMAN_DIR = PROJECT_ROOT / ".mmekit" / "podman"
 PODMAN_SOCKET = PODMAN_DIR / "podman.sock"
 PODMAN_PID = PODMAN_DIR / "service.pid"
+SERVICE_POLL_S = 0.3  # between looks at a starting podman service
 CONTAINERS_CONF = PODMAN_DIR / "containers.conf"
 DOCKER_SOCKET = Path("/var/run/docker.sock")
 T = TypeVar("T")
@@ -209,12 +211,15 @@ def start_podman(timeout: float = 60.0) -> Engine:
         PODMAN_PID.write_text(f"{process.pid}\n")
         say(f"started podman's Docker API on {host} (pid {process.pid}; log "
             f"{os.path.relpath(PODMAN_DIR / 'service.log', PROJECT_ROOT)})")  # fmt: skip
-    deadline = time.monotonic() + timeout
-    while answers(host) is None:
-        if time.monotonic() > deadline:
-            raise EngineError(f"podman's service did not answer on {host} within {timeout:.0f} s; "
-                              f"see {PODMAN_DIR / 'service.log'}")  # fmt: skip
-        time.sleep(0.3)
+    try:
+        poll_until(
+            lambda: answers(host) is not None,
+            what=f"podman's service to answer on {host}",
+            timeout=timeout,
+            interval=SERVICE_POLL_S,
+        )
+    except PollTimeout as failure:
+        raise EngineError(f"{failure}; see {PODMAN_DIR / 'service.log'}") from None
     return Engine(host, "podman", managed=True)
 
 

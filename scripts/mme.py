@@ -50,6 +50,7 @@ from mmekit_limits import SAGEMAKER_PAYLOAD_BYTES
 from prometheus_client import CollectorRegistry, Counter, Gauge, Summary, generate_latest
 
 from scripts import PROJECT_ROOT
+from scripts.polling import PollTimeout, poll_until
 
 if TYPE_CHECKING:
     from scripts.serve import NativeRuntime, Ports
@@ -61,6 +62,7 @@ INVOCATION_TIMEOUT_S = 60.0  # SageMaker waits this long for the container's ans
 NOT_READY_AFTER_S = 60.0  # a model still loading then: ModelNotReadyException, load goes on
 LOAD_TIMEOUT_S = 360.0  # how long a load may go on at all
 READY_POLL_S = 0.2  # how often an invocation that arrived early looks at TorchServe again
+CONTAINER_POLL_S = 0.5  # each look at a container is a docker API call
 ACCOUNT = "000000000000"
 REGION = "us-east-1"
 
@@ -259,15 +261,16 @@ class Backend:
 
     def wait_until_accepting(self, timeout: float = 120.0) -> None:
         """Until TorchServe takes calls with its keys (what the emulator's /ping looks for)."""
-        from scripts.serve import ServeError, accepts_calls
+        from scripts.serve import accepts_calls, wait_until
 
-        client, deadline = self.client, time.monotonic() + timeout
-        while not accepts_calls(client.url, client.management_url, session=client.session):
-            if self.process.poll() is not None:
-                raise ServeError(f"TorchServe exited (status {self.process.returncode})")
-            if time.monotonic() > deadline:
-                raise ServeError(f"TorchServe did not accept calls within {timeout:.0f} s")
-            time.sleep(0.2)
+        client = self.client
+        wait_until(
+            lambda: accepts_calls(client.url, client.management_url, session=client.session),
+            "TorchServe to accept calls",
+            timeout,
+            READY_POLL_S,
+            self.process,
+        )
 
     def stop(self) -> None:
         from scripts.serve import shut_down
@@ -325,15 +328,16 @@ class ContainerBackend:
         return self.container.status in ("created", "running")
 
     def wait_until_accepting(self, timeout: float = 180.0) -> None:
-        from scripts.serve import ServeError, accepts_calls
+        from scripts.serve import ServeError, accepts_calls, wait_until
 
-        deadline = time.monotonic() + timeout
-        while not accepts_calls(self.client.url):
-            if not self.running():
+        def accepting() -> bool:
+            if accepts_calls(self.client.url):
+                return True
+            if not self.running():  # no process to watch here: the container's state
                 raise ServeError(f"the container exited; its log:\n{self.logs()}")
-            if time.monotonic() > deadline:
-                raise ServeError(f"the container did not accept calls within {timeout:.0f} s")
-            time.sleep(0.5)
+            return False
+
+        wait_until(accepting, "the container to accept calls", timeout, CONTAINER_POLL_S)
 
     def logs(self, tail: int = 200) -> str:
         try:
@@ -596,15 +600,21 @@ class Endpoint:
         return self.backend_models_dir / folder.relative_to(self.models_dir).as_posix()
 
     def _wait_until_serving(self, name: str) -> None:
-        deadline = time.monotonic() + LOAD_TIMEOUT_S
-        while time.monotonic() < deadline:
+        """Until a worker of `name` is READY. Not serve's Readiness rule (a READY worker and a
+        real request answering 200): the emulator has no example request for an arbitrary
+        model it was asked to load, and the invocation that caused the load is that request."""
+
+        def worker_ready() -> bool:
             reply = self.torchserve.describe(name)
-            if reply.status == 200:
-                workers = json.loads(reply.body)[0].get("workers", [])
-                if any(worker.get("status") == "READY" for worker in workers):
-                    return
-            time.sleep(0.2)
-        raise model_error(self.name, 500, f"model {name} did not become ready")
+            if reply.status != 200:
+                return False
+            workers = json.loads(reply.body)[0].get("workers", [])
+            return any(worker.get("status") == "READY" for worker in workers)
+
+        try:
+            poll_until(worker_ready, what=f"model {name} to be ready", timeout=LOAD_TIMEOUT_S)
+        except PollTimeout:
+            raise model_error(self.name, 500, f"model {name} did not become ready") from None
 
     def _make_room(self, size: int, target: str) -> None:
         if self.memory_budget_bytes is None:

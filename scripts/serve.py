@@ -32,11 +32,11 @@ import socket
 import string
 import subprocess
 import sys
-import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
+from dataclasses import field as dataclass_field
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, TypeVar
 
 import requests
 from mmekit_limits import SAGEMAKER_PAYLOAD_BYTES
@@ -45,7 +45,10 @@ from scripts import PROJECT_ROOT
 from scripts.archive import DEFAULT_STORE, archive_models
 from scripts.examples import write_requests
 from scripts.models import MODELS, spec
+from scripts.polling import PollError, poll_until
 from scripts.weights import DEFAULT_ROOT, WeightsChangedError
+
+T = TypeVar("T")
 
 RUN_DIR = PROJECT_ROOT / ".mmekit"  # TorchServe's working folder: key_file.json, logs/, pid
 COMPOSE_FILE = PROJECT_ROOT / "compose.yaml"
@@ -555,6 +558,134 @@ def accepts_calls(
             http.close()
 
 
+READY_POLL_S = 1.0  # between rounds of readiness probes (each may run a real inference)
+PING_POLL_S = 0.2
+TOKEN_POLL_S = 0.2
+DESCRIBE_TIMEOUT_S = 10.0  # one GET /models/{model}
+FIRST_INFERENCE_TIMEOUT_S = 300.0  # a probe may wait for the worker to load its weights
+DEFAULT_WHERE = "the server log (logs/model_log.log in TorchServe's run folder)"
+
+
+def wait_until(
+    check: Callable[[], T],
+    what: str | Callable[[], str],
+    timeout: float,
+    interval: float,
+    process: subprocess.Popen | None = None,
+    foreground: bool = True,
+) -> T:
+    """poll_until, its errors as ServeError (the one place they are converted). A foreground
+    launcher that exits has lost its server, whatever its status (it exits 0 when Java dies);
+    a detached one exits 0 once it has started Java."""
+    try:
+        return poll_until(
+            check,
+            what=what,
+            timeout=timeout,
+            interval=interval,
+            process=process,
+            clean_exit_ok=not foreground,
+        )
+    except PollError as failure:
+        raise ServeError(f"{failure}; see TorchServe's log") from None
+
+
+def wait_for_ping(
+    url: str,
+    process: subprocess.Popen | None = None,
+    timeout: float = 300.0,
+    headers: Mapping[str, str] | None = None,
+    session: requests.Session | None = None,
+) -> None:
+    """Until TorchServe's frontend answers /ping (not readiness of a model: wait_until_ready)."""
+    wait_until(
+        lambda: accepts_calls(url, session=session, headers=headers),
+        "TorchServe to answer /ping",
+        timeout,
+        PING_POLL_S,
+        process,
+    )
+
+
+@dataclass
+class Readiness:
+    """The readiness rule: a model is ready when a worker is READY and a real request answers
+    200 (not /ping, which stays 200 while a worker crash-loops). A worker that died is reported
+    at once, naming where its traceback is, not after TorchServe's own retries
+    (maxRetryTimeoutInSec, 300 s) or the caller's timeout.
+
+    With `management_url` (and its token, if the API has one), each model's workers are
+    watched: a worker whose pid changes before the model is ready was restarted because it
+    died, and the probe goes out only once a worker is READY (a probe queued behind a crash
+    loop waits through several of TorchServe's growing retry delays). Without it, the failure
+    shows when TorchServe answers a waiting probe "Worker died."."""
+
+    base_url: str
+    token: str | None = None
+    management_url: str | None = None
+    management_token: str | None = None
+    where: str = DEFAULT_WHERE  # where the error says to look
+    request_timeout: float = FIRST_INFERENCE_TIMEOUT_S
+    worker_pids: dict[tuple[str, str], int] = dataclass_field(
+        default_factory=dict
+    )  # first pid seen
+
+    def model_ready(self, model: str, request_body: bytes) -> bool:
+        """One look; ServeError when the model's worker died."""
+        if self.management_url is not None and not self.worker_ready(model):
+            return False
+        return self.answer(model, request_body) == 200
+
+    def answer(self, model: str, request_body: bytes) -> int | None:
+        """The HTTP status of one real request (None: no answer); ServeError when TorchServe
+        says the worker died."""
+        headers = {"Content-Type": "application/json"}
+        if self.token:
+            headers["Authorization"] = f"Bearer {self.token}"
+        try:
+            reply = requests.post(
+                f"{self.base_url}/predictions/{model}",
+                data=request_body,
+                headers=headers,
+                timeout=self.request_timeout,
+            )
+        except requests.RequestException:
+            return None
+        if reply.status_code in (500, 507) and "Worker died" in reply.text:
+            # 507 when the exit looked like the OOM killer's (SIGKILL)
+            raise ServeError(
+                f"{model} is not ready: its worker died while loading or serving its first "
+                f'request (TorchServe answered {reply.status_code} "Worker died."); '
+                f"the traceback is in {self.where}"
+            )
+        return reply.status_code
+
+    def worker_ready(self, model: str) -> bool:
+        """A worker of `model` is READY; ServeError when one was restarted (its pid changed)."""
+        headers = {"Authorization": f"Bearer {self.management_token}"}
+        try:
+            described = requests.get(
+                f"{self.management_url}/models/{model}",
+                headers=headers if self.management_token else {},
+                timeout=DESCRIBE_TIMEOUT_S,
+            )
+            workers = described.json()[0]["workers"] if described.ok else []
+        except (requests.RequestException, ValueError, LookupError, TypeError):
+            return False  # the management API is not up yet
+        for worker in workers:
+            pid = worker.get("pid")
+            if not isinstance(pid, int) or pid <= 0:
+                continue
+            first = self.worker_pids.setdefault((model, str(worker.get("id"))), pid)
+            if pid != first:
+                raise ServeError(
+                    f"{model} is not ready: its worker died while loading and "
+                    f"TorchServe restarted it (pid {first}, now {pid}); the traceback "
+                    f"is in {self.where}"
+                )
+        return any(worker.get("status") == "READY" for worker in workers)
+
+
 def wait_until_ready(
     base_url: str,
     token: str | None,
@@ -566,72 +697,28 @@ def wait_until_ready(
     management_url: str | None = None,
     management_token: str | None = None,
 ) -> None:
-    """Ready means every model answered a real inference (not /ping, which stays 200 while a
-    worker crash-loops). A foreground launcher that exits has lost its server, whatever its
-    status (it exits 0 when Java dies); a detached one exits 0 once it has started Java.
-
-    A model whose worker cannot start (a handler that fails to initialise) is reported at
-    once, not after TorchServe's own retries (maxRetryTimeoutInSec, 300 s) or `timeout`. With
-    `management_url` (and its token, if the API has one), each model's workers are watched:
-    a worker whose pid changes before the model is ready was restarted because it died, and
-    the probe goes out only once a worker is READY (a probe queued behind a crash loop waits
-    through several of TorchServe's growing retry delays). Without it, the failure shows when
-    TorchServe answers a waiting probe "Worker died.". `log`: where the error says to look."""
-    headers = {"Content-Type": "application/json"}
-    if token:
-        headers["Authorization"] = f"Bearer {token}"
-    management_headers = {"Authorization": f"Bearer {management_token}"} if management_token else {}
-    where = log or "the server log (logs/model_log.log in TorchServe's run folder)"
-    worker_pids: dict[tuple[str, str], int] = {}  # (model, worker id) -> first pid seen
+    """Until every model in `examples` is ready by the Readiness rule, each probed with its
+    example request. `log`: where the error says to look."""
+    readiness = Readiness(
+        base_url, token, management_url, management_token, str(log or DEFAULT_WHERE)
+    )
     pending = dict(examples)
-    deadline = time.monotonic() + timeout
-    while pending:
-        if process.poll() is not None and (foreground or process.returncode != 0):
-            raise ServeError(f"TorchServe exited (status {process.returncode}); see its log")
-        if time.monotonic() > deadline:
-            raise ServeError(f"models not ready after {timeout:.0f} s: {', '.join(pending)}")
+
+    def all_ready() -> bool:
         for model, path in list(pending.items()):
-            if management_url is not None:
-                try:
-                    described = requests.get(
-                        f"{management_url}/models/{model}", headers=management_headers, timeout=10
-                    )
-                    workers = described.json()[0]["workers"] if described.ok else []
-                except (requests.RequestException, ValueError, LookupError, TypeError):
-                    continue  # the management API is not up yet
-                for worker in workers:
-                    pid = worker.get("pid")
-                    if not isinstance(pid, int) or pid <= 0:
-                        continue
-                    first = worker_pids.setdefault((model, str(worker.get("id"))), pid)
-                    if pid != first:
-                        raise ServeError(
-                            f"{model} is not ready: its worker died while loading and "
-                            f"TorchServe restarted it (pid {first}, now {pid}); the traceback "
-                            f"is in {where}"
-                        )
-                if not any(worker.get("status") == "READY" for worker in workers):
-                    continue
-            try:
-                reply = requests.post(
-                    f"{base_url}/predictions/{model}",
-                    data=path.read_bytes(),
-                    headers=headers,
-                    timeout=300,
-                )
-            except requests.RequestException:
-                continue
-            if reply.status_code == 200:
+            if readiness.model_ready(model, path.read_bytes()):
                 print(f"[serve] {model} is ready", flush=True)
                 del pending[model]
-            elif reply.status_code in (500, 507) and "Worker died" in reply.text:
-                # 507 when the exit looked like the OOM killer's (SIGKILL)
-                raise ServeError(
-                    f"{model} is not ready: its worker died while loading or serving its first "
-                    f'request (TorchServe answered {reply.status_code} "Worker died."); '
-                    f"the traceback is in {where}"
-                )
-        time.sleep(1)
+        return not pending
+
+    wait_until(
+        all_ready,
+        lambda: f"models to be ready ({', '.join(pending)})",
+        timeout,
+        READY_POLL_S,
+        process,
+        foreground,
+    )
 
 
 def curl_lines(ports: Ports, requests_dir: Path) -> str:
@@ -653,16 +740,16 @@ def wait_for_token(
     run_dir: Path, process: subprocess.Popen, timeout: float = 60.0, foreground: bool = True
 ) -> str:
     """The inference key, once TorchServe has finished writing key_file.json."""
-    deadline = time.monotonic() + timeout
-    while True:
+
+    def token() -> str | None:
         try:
             return read_token(run_dir)
         except (ServeError, json.JSONDecodeError, KeyError):
-            pass  # not written yet, or half written
-        exited = process.poll() is not None and (foreground or process.returncode != 0)
-        if exited or time.monotonic() > deadline:
-            raise ServeError("TorchServe did not start (no key_file.json); see its log")
-        time.sleep(0.2)
+            return None  # not written yet, or half written
+
+    return wait_until(
+        token, "TorchServe to write key_file.json", timeout, TOKEN_POLL_S, process, foreground
+    )
 
 
 def interrupt(signum: int, frame: object) -> None:

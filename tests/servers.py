@@ -8,7 +8,6 @@ model has answered a real inference, torn down at the end; a failing test prints
 from __future__ import annotations
 
 import subprocess
-import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -28,6 +27,7 @@ from scripts.serve import (
     launch_native,
     read_token,
     shut_down,
+    wait_for_ping,
     wait_for_token,
     wait_until_ready,
 )
@@ -109,25 +109,12 @@ def start_server(
                 management_token=server.management_token,
             )
         else:
-            wait_for_ping(server)
+            wait_for_ping(server.url, server.process, READY_TIMEOUT_S)
     except BaseException:
         print(f"--- {profile} server log ---\n{server.log_tail(200)}")
         server.stop()
         raise
     return server
-
-
-def wait_for_ping(server: Server) -> None:
-    deadline = time.monotonic() + READY_TIMEOUT_S
-    while time.monotonic() < deadline:
-        assert server.process.poll() is None, "TorchServe exited at start"
-        try:
-            if requests.get(f"{server.url}/ping", timeout=2).status_code == 200:
-                return
-        except requests.RequestException:
-            pass
-        time.sleep(0.5)
-    raise AssertionError("TorchServe did not answer /ping")
 
 
 @pytest.fixture(scope="session")

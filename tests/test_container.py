@@ -20,7 +20,6 @@ import subprocess
 import sys
 import textwrap
 import threading
-import time
 import tomllib
 from collections.abc import Iterator
 from pathlib import Path
@@ -30,6 +29,7 @@ import yaml
 
 from scripts import PROJECT_ROOT, container, engine, image, serve
 from scripts.models import MODELS
+from scripts.polling import poll_until
 
 DOCKERFILE = PROJECT_ROOT / "Dockerfile"
 DOCKERIGNORE = PROJECT_ROOT / ".dockerignore"
@@ -565,11 +565,12 @@ def start_supervisor(tmp_path: Path, mode: str) -> subprocess.Popen:
         stderr=subprocess.STDOUT,
         text=True,
     )
-    deadline = time.monotonic() + 60
-    while not (tmp_path / "ready").exists():
+
+    def frontend_started() -> bool:
         assert process.poll() is None or mode == "crash", process.communicate()[0]
-        assert time.monotonic() < deadline, "the stand-in frontend never started"
-        time.sleep(0.05)
+        return (tmp_path / "ready").exists()
+
+    poll_until(frontend_started, what="the stand-in frontend to start", timeout=60, interval=0.05)
     return process
 
 

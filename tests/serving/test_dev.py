@@ -21,6 +21,7 @@ import requests
 
 from scripts import PROJECT_ROOT
 from scripts.examples import requests as example_requests
+from scripts.polling import poll_until
 from scripts.serve import NativeRuntime, Ports, free_ports
 
 START_TIMEOUT_S = 300
@@ -45,15 +46,14 @@ class Dev:
 
     def wait_for(self, pattern: str, after: int, timeout: float) -> re.Match:
         """The first [dev] line past the first `after` ones matching `pattern`."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            for line in self.dev_lines()[after:]:
-                match = re.search(pattern, line)
-                if match:
-                    return match
-            assert self.process.poll() is None, "make dev exited"
-            time.sleep(0.2)
-        raise AssertionError(f"no {pattern!r} within {timeout:.0f} s")
+
+        def first_match() -> re.Match | None:
+            matches = (re.search(pattern, line) for line in self.dev_lines()[after:])
+            return next((match for match in matches if match), None)
+
+        return poll_until(
+            first_match, what=f"a [dev] line {pattern!r}", timeout=timeout, process=self.process
+        )
 
     def predict_sam(self) -> requests.Response:
         token = json.loads((self.run_dir / "key_file.json").read_text())["inference"]["key"]

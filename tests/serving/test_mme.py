@@ -37,6 +37,7 @@ from scripts.mme import (
     model_name,
 )
 from scripts.models import MODELS
+from scripts.polling import poll_until
 from scripts.serve import free_ports
 from tests.servers import Server, emulator_backend
 
@@ -89,10 +90,7 @@ def serve_endpoint(endpoint: Endpoint) -> Iterator[Emulator]:
     )
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert time.monotonic() < deadline, "the emulator did not start"
-        time.sleep(0.05)
+    poll_until(lambda: server.started, what="the emulator to start", timeout=30, interval=0.05)
     try:
         yield Emulator(endpoint, f"http://127.0.0.1:{port}")
     finally:
@@ -269,10 +267,7 @@ def test_a_load_still_running_is_model_not_ready_and_keeps_loading(fresh: Emulat
     response = fresh.error("sd.tar.gz", body)
     assert response["Error"]["Code"] == "ModelNotReadyException"
     assert response["ResponseMetadata"]["HTTPStatusCode"] == 429
-    deadline = time.monotonic() + 120
-    while "sd.tar.gz" not in fresh.endpoint.loaded:
-        assert time.monotonic() < deadline, "the load did not go on"
-        time.sleep(0.2)
+    poll_until(lambda: "sd.tar.gz" in fresh.endpoint.loaded, what="the load to go on", timeout=120)
     assert "generated_image" in fresh.invoke("sd.tar.gz", body)
 
 

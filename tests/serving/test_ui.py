@@ -8,7 +8,6 @@ import hashlib
 import io
 import json
 import threading
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -21,6 +20,7 @@ from starlette.testclient import TestClient
 
 from scripts import client, ui
 from scripts.client import IMAGE_ID, UNKNOWN_IMAGE_ID, EditError, LocalTarget, png_bytes, refused
+from scripts.polling import poll_until
 from scripts.serve import free_ports
 from tests.servers import Server
 
@@ -448,10 +448,7 @@ def serve_ui(app) -> Iterator[str]:
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert time.monotonic() < deadline, "the editor did not start"
-        time.sleep(0.05)
+    poll_until(lambda: server.started, what="the editor to start", timeout=30, interval=0.05)
     try:
         yield f"http://127.0.0.1:{port}/"
     finally:
