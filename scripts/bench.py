@@ -181,12 +181,9 @@ def worker_threads(model: str) -> int:
     """The intra-op threads TorchServe's worker for `model` runs with (its model-config.yaml's
     cpu_threads, else the server's share): the in-process side of a comparison runs with the
     same, so that the difference is serving, not threads."""
-    import yaml
-
     from scripts.serve import shared_threads
 
-    config = yaml.safe_load(spec(model).config_file.read_text())
-    wanted = config["handler"].get("cpu_threads", "share")
+    wanted = spec(model).handler_settings().get("cpu_threads", "share")
     return min(wanted, os.cpu_count() or 1) if isinstance(wanted, int) else shared_threads()
 
 
@@ -343,14 +340,12 @@ def sam_click_archive(store: Path, tier: str, weights_root: Path, threads: int) 
 def bench_click_threads(work: Path, tier: str, weights_root: Path, rounds: int,
                         reference_rounds: int) -> dict:  # fmt: skip
     """Section 2: bench_clicks for each CLICK_THREADS, each a SAM-only TorchServe."""
-    import yaml
-
-    configured = yaml.safe_load(spec("sam").config_file.read_text())
+    configured = spec("sam").handler_settings()
     width, height = CLICK_IMAGE_SIZE
     results: dict = {
         "tier": tier,
         "image": f"{width}x{height}",
-        "configured_threads": configured["handler"].get("cpu_threads", "share"),
+        "configured_threads": configured.get("cpu_threads", "share"),
         "by_threads": {},
     }
     for threads in CLICK_THREADS:

@@ -50,7 +50,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import yaml
 from PIL import Image
 
 from scripts import PROJECT_ROOT
@@ -154,8 +153,7 @@ def handler_class(model: str) -> type:
 def handler_settings(model: str, weights_folder_name: str, sd_window: int | None) -> dict:
     """The archive's handler settings, pointed at the tier's weights folder."""
     model_spec = spec(model)
-    config = yaml.safe_load(model_spec.config_file.read_text())
-    settings = dict(config.get("handler") or {})
+    settings = model_spec.handler_settings()
     settings["weights_dir"] = weights_folder_name
     if model_spec.window_setting is not None and sd_window is not None:
         settings[model_spec.window_setting] = sd_window

@@ -88,6 +88,14 @@ class ModelSpec:
     def config_file(self) -> Path:
         return (self.config_dir or CONFIGS_DIR / self.name) / CONFIG_FILE
 
+    def handler_settings(self) -> dict:
+        """The `handler:` section of its model-config.yaml: the knobs' one source, read by the
+        tools that must agree with the handler (the editor's limits, bench's threads)."""
+        import yaml  # on use: the registry itself stays standard library only
+
+        config = yaml.safe_load(self.config_file.read_text())
+        return dict(config.get("handler") or {})
+
     def variant(self, tier: str) -> str:
         """The weights variant this model serves in `tier`."""
         if tier not in self.variants:

@@ -181,9 +181,7 @@ def read_points(payload: dict) -> tuple[list[tuple[float, float]], list[int]]:
 def model_settings(model: str) -> dict:
     """The `handler:` knobs of configs/<model>/model-config.yaml: the editor checks what a page
     sends against the model's own limits, so a request it lets through is one the model takes."""
-    import yaml
-
-    return yaml.safe_load(spec(model).config_file.read_text())["handler"]
+    return spec(model).handler_settings()
 
 
 def read_dilate(payload: dict, model: str) -> int:

@@ -26,7 +26,7 @@ def test_a_failed_or_deselected_serving_test_records_nothing(failed, deselected)
     assert not run(tuple(gate.GATE_FLOWS), failed, deselected).complete()
 
 
-def test_the_gate_tests_name_their_flows_by_marker(request: pytest.FixtureRequest):
+def test_the_gate_tests_name_their_flows_by_marker():
     """Every flow is proven by a collected serving test's marker, not by a list of names."""
     import ast
     from pathlib import Path
