@@ -205,22 +205,24 @@ def cuda_figures(device: Any) -> dict[str, float]:
     }
 
 
+# a model's report fields that only a GPU fills (null on a CPU)
+CUDA_FIELDS = (
+    "cuda_context_mib",
+    "cuda_max_allocated_mib_after_load",
+    "cuda_max_allocated_mib_after_inference",
+    "cuda_reserved_mib_after_load",
+    "cuda_reserved_mib_after_inference",
+    "gpu_footprint_mib",
+    "gpu_name",
+    "gpu_total_mib",
+)
+
+
 def cuda_fields(
     device: Any, context_mib: float | None, after_load: dict | None, after_request: dict | None
 ) -> dict[str, Any]:
     """The report's CUDA fields: all null on a CPU."""
-    fields = dict.fromkeys(
-        (
-            "cuda_context_mib",
-            "cuda_max_allocated_mib_after_load",
-            "cuda_max_allocated_mib_after_inference",
-            "cuda_reserved_mib_after_load",
-            "cuda_reserved_mib_after_inference",
-            "gpu_footprint_mib",
-            "gpu_name",
-            "gpu_total_mib",
-        )
-    )
+    fields = dict.fromkeys(CUDA_FIELDS)
     if device is None or context_mib is None or after_load is None or after_request is None:
         return fields
     import torch

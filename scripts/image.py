@@ -69,14 +69,14 @@ def image_torch_cuda(ref: str) -> str | None:
     return str(value).strip() if value is not None else None
 
 
-def git_sha() -> str:
-    result = subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"],
-        cwd=PROJECT_ROOT,
-        capture_output=True,
-        text=True,
-        check=False,
+def git(*arguments: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        ["git", *arguments], cwd=PROJECT_ROOT, capture_output=True, text=True, check=False
     )
+
+
+def git_sha() -> str:
+    result = git("rev-parse", "--short", "HEAD")
     if result.returncode != 0:
         raise RuntimeError(f"`git rev-parse` failed: {result.stderr.strip()}")
     return result.stdout.strip()
@@ -84,13 +84,7 @@ def git_sha() -> str:
 
 def working_tree_dirty() -> bool:
     """Uncommitted changes to tracked files (the image would not be what its tag says)."""
-    result = subprocess.run(
-        ["git", "status", "--porcelain", "--untracked-files=no"],
-        cwd=PROJECT_ROOT,
-        capture_output=True,
-        text=True,
-        check=False,
-    )
+    result = git("status", "--porcelain", "--untracked-files=no")
     return result.returncode != 0 or bool(result.stdout.strip())
 
 

@@ -23,18 +23,11 @@ MODEL_FIELDS = {
     "cpu_peak_rss_mib_before_load",
     "cpu_peak_rss_mib_after_load",
     "cpu_peak_rss_mib_after_inference",
-    "cuda_context_mib",
-    "cuda_max_allocated_mib_after_load",
-    "cuda_max_allocated_mib_after_inference",
-    "cuda_reserved_mib_after_load",
-    "cuda_reserved_mib_after_inference",
-    "gpu_footprint_mib",
     "device",
-    "gpu_name",
-    "gpu_total_mib",
     "wall_seconds",
+    *footprint.CUDA_FIELDS,
 }
-CUDA_FIELDS = {field for field in MODEL_FIELDS if field.startswith(("cuda_", "gpu_"))}
+CUDA_FIELDS = set(footprint.CUDA_FIELDS)
 
 
 def run_tool(*argv: str) -> tuple[int, dict]:
@@ -43,11 +36,8 @@ def run_tool(*argv: str) -> tuple[int, dict]:
     return code, json.loads(output.read_text())
 
 
-@pytest.fixture(scope="module")
-def tiny_cpu(tmp_path_factory, weights_root) -> tuple[int, dict, Path]:
-    """The tool on the tiny tier, CPU only: three fresh processes, about 10 s."""
-    output = tmp_path_factory.mktemp("footprint") / "footprint.json"
-    code, report = run_tool(
+def run_tiny_cpu(weights_root: Path, output: Path, *extra: str) -> tuple[int, dict]:
+    return run_tool(
         "--tier",
         "tiny",
         "--device",
@@ -56,7 +46,15 @@ def tiny_cpu(tmp_path_factory, weights_root) -> tuple[int, dict, Path]:
         str(weights_root),
         "--output",
         str(output),
+        *extra,
     )
+
+
+@pytest.fixture(scope="module")
+def tiny_cpu(tmp_path_factory, weights_root) -> tuple[int, dict, Path]:
+    """The tool on the tiny tier, CPU only: three fresh processes, about 10 s."""
+    output = tmp_path_factory.mktemp("footprint") / "footprint.json"
+    code, report = run_tiny_cpu(weights_root, output)
     return code, report, output
 
 
@@ -145,18 +143,7 @@ def test_a_failing_model_is_reported_and_the_rest_kept(tmp_path, weights_root, m
 
     monkeypatch.setattr(footprint, "child_command", broken)
     output = tmp_path / "footprint.json"
-    code, report = run_tool(
-        "--tier",
-        "tiny",
-        "--models",
-        "lama,sam",
-        "--device",
-        "cpu",
-        "--weights-root",
-        str(weights_root),
-        "--output",
-        str(output),
-    )
+    code, report = run_tiny_cpu(weights_root, output, "--models", "lama,sam")
     assert code == 1
     assert report["models"]["lama"] == {"error": "exit status 1: boom"}
     assert report["models"]["sam"]["parameters"] > 0
