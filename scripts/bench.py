@@ -37,11 +37,9 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-import requests
 from mmekit_limits import SAGEMAKER_PAYLOAD_BYTES
 from PIL import Image
 
@@ -49,6 +47,7 @@ from scripts import PROJECT_ROOT
 from scripts.archive import archive_models
 from scripts.examples import requests as example_requests
 from scripts.models import MODELS, spec
+from scripts.torchserve.client import TorchServeClient, loopback_url
 from scripts.weights import weights_dir
 
 OUTPUT_DIR = PROJECT_ROOT / "bench"
@@ -115,48 +114,38 @@ def machine() -> dict:
 # Servers
 
 
-@dataclass
-class Served:
-    url: str
-    token: str | None
-    session: requests.Session
-
-    def post(self, path: str, body: bytes) -> requests.Response:
-        headers = {"Content-Type": "application/json"}
-        if self.token:
-            headers["Authorization"] = f"Bearer {self.token}"
-        return self.session.post(f"{self.url}{path}", data=body, headers=headers, timeout=600)
+REQUEST_TIMEOUT_S = 600.0  # one request to a served model (SD on a CPU, cold)
 
 
 @contextmanager
-def torchserve(run_dir: Path, store: Path, profile: str, models: list[str]) -> Iterator[Served]:
-    """A native TorchServe on free loopback ports, ready when every model has answered."""
+def torchserve(
+    run_dir: Path, store: Path, profile: str, models: list[str]
+) -> Iterator[TorchServeClient]:
+    """A native TorchServe on free loopback ports, ready when every model has answered; its
+    client, with the inference key where the profile has one."""
     from scripts.examples import write_requests
-    from scripts.serve import (
-        launch_native,
-        shut_down,
-        wait_for_ping,
-        wait_for_token,
-        wait_until_ready,
-    )
+    from scripts.torchserve.readiness import wait_for_ping, wait_for_token, wait_until_ready
+    from scripts.torchserve.runtime import launch_native, shut_down
 
     log_path = run_dir / "torchserve.log"
     runtime, process, ports = launch_native(run_dir, store, profile, models, log_path)
-    served = Served(f"http://127.0.0.1:{ports.inference}", None, requests.Session())
+    served: TorchServeClient | None = None
     try:
-        if profile == "local":
-            served.token = wait_for_token(run_dir, process)
+        token = wait_for_token(run_dir, process) if profile == "local" else None
+        # the key read once: no key file is read inside the timed requests
+        served = TorchServeClient(loopback_url(ports.inference), token=token)
         probes = write_requests(run_dir / "probes", sd_steps=1)
         probes = {model: path for model, path in probes.items() if model in models}
-        wait_until_ready(served.url, served.token, probes, process, timeout=900)
+        wait_until_ready(served.url, token, probes, process, timeout=900)
         if not probes:  # no model yet: /ping is what ready means
-            wait_for_ping(served.url, process)
+            wait_for_ping(served, process)
         yield served
     except BaseException:
         print(log_path.read_text(errors="replace")[-3000:], file=sys.stderr)
         raise
     finally:
-        served.session.close()
+        if served is not None:
+            served.close()
         shut_down(runtime, process)
 
 
@@ -181,7 +170,7 @@ def worker_threads(model: str) -> int:
     """The intra-op threads TorchServe's worker for `model` runs with (its model-config.yaml's
     cpu_threads, else the server's share): the in-process side of a comparison runs with the
     same, so that the difference is serving, not threads."""
-    from scripts.serve import shared_threads
+    from scripts.torchserve.runtime import shared_threads
 
     wanted = spec(model).handler_settings().get("cpu_threads", "share")
     return min(wanted, os.cpu_count() or 1) if isinstance(wanted, int) else shared_threads()
@@ -201,7 +190,7 @@ def in_process(work: Path, model: str, tier: str, weights_root: Path, **settings
 
 
 def bench_overhead(
-    served: Served, work: Path, models: list[str], weights_root: Path, rounds: int
+    served: TorchServeClient, work: Path, models: list[str], weights_root: Path, rounds: int
 ) -> dict:
     bodies = {m: json.dumps(r).encode() for m, r in example_requests(sd_steps=2).items()}
     local = {model: in_process(work, model, "tiny", weights_root) for model in models}
@@ -210,7 +199,7 @@ def bench_overhead(
     }
 
     def over_http(model: str) -> None:
-        reply = served.post(f"/predictions/{model}", bodies[model])
+        reply = served.predict(model, bodies[model], timeout=REQUEST_TIMEOUT_S)
         assert reply.status_code == 200, reply.text[:300]
 
     threads = {model: worker_threads(model) for model in models}
@@ -223,7 +212,7 @@ def bench_overhead(
         assert reply.status == 200, reply.body[:300]
 
     def echo(model: str) -> None:
-        assert served.post("/predictions/echo", bodies[model]).status_code == 200
+        assert served.predict("echo", bodies[model], timeout=REQUEST_TIMEOUT_S).status_code == 200
 
     for model in models:  # warm-up: first calls pay for lazy initialisation on both sides
         for call in (over_http, here, echo):
@@ -268,7 +257,7 @@ def click_point(index: int, width: int, height: int) -> list[int]:
     return [(width * (index % 7 + 1)) // 8, (height * (index % 5 + 1)) // 6]
 
 
-def bench_clicks(served: Served, rounds: int, reference_rounds: int) -> dict:
+def bench_clicks(served: TorchServeClient, rounds: int, reference_rounds: int) -> dict:
     """One SAM server: a first click, `rounds` repeat clicks by image_id and as many sending
     the image again (interleaved), as the editor sends them, and `reference_rounds` clicks on
     new images in the AWS sample's shape."""
@@ -281,7 +270,7 @@ def bench_clicks(served: Served, rounds: int, reference_rounds: int) -> dict:
         if interactive:  # what the editor and `mmekit` send: a 1-bit mask PNG
             gen_args["mask_bits"] = 1
         body = json.dumps({**image_field, "gen_args": gen_args}).encode()
-        seconds, reply = timed(lambda: served.post("/predictions/sam", body))
+        seconds, reply = timed(lambda: served.predict("sam", body, timeout=REQUEST_TIMEOUT_S))
         assert reply.status_code == 200, reply.text[:300]
         return seconds, reply.json()
 
@@ -392,7 +381,7 @@ def bench_cold(
 ) -> dict:
     """Medians over `repeats`, levels in a rotated order each time, after one untimed load (the
     first load of a fresh server also pays for its page cache and its first worker)."""
-    from scripts.mme import Endpoint, LocalSource, TorchServeClient
+    from scripts.mme import Endpoint, LocalSource
 
     bodies = {m: json.dumps(r).encode() for m, r in example_requests(sd_steps=1).items()}
     stores = {}
@@ -409,7 +398,7 @@ def bench_cold(
                 source=LocalSource(stores[level]),
                 models_dir=models_root,
                 downloads_dir=work / f"downloads-{level}",
-                torchserve=TorchServeClient(served.url),
+                torchserve=served,
                 not_ready_after_s=3600,
             )
             for level in levels

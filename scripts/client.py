@@ -129,24 +129,33 @@ class LocalTarget:
     name: str = "local"
     key_dir: Path | None = None  # where key_file.json is: a token that expired is renewed
     management_url: str | None = None
+    _torchserve: Any = None
 
     @classmethod
     def from_environment(cls, url: str | None = None) -> LocalTarget:
-        from scripts.serve import RUN_DIR, ServeError, active_runtime, read_token
+        from scripts.torchserve import ServeError
+        from scripts.torchserve.client import loopback_url, read_token
+        from scripts.torchserve.runtime import RUN_DIR, active_runtime
 
         port = os.environ.get("INFERENCE_PORT", "8080")
-        management = f"http://127.0.0.1:{os.environ.get('MANAGEMENT_PORT', '8081')}"
+        management = loopback_url(os.environ.get("MANAGEMENT_PORT", "8081"))
         token = os.environ.get("MMEKIT_TOKEN")  # another server's key; else our key file
         if token:
-            return cls(url or f"http://127.0.0.1:{port}", token)
+            return cls(url or loopback_url(port), token)
         key_dir = active_runtime(RUN_DIR).key_dir
         try:
             token = read_token(key_dir)
         except (ServeError, OSError, ValueError, KeyError):
             token = None  # token auth off (sagemaker profile), or no local server yet
-        return cls(
-            url or f"http://127.0.0.1:{port}", token, key_dir=key_dir, management_url=management
-        )
+        return cls(url or loopback_url(port), token, key_dir=key_dir, management_url=management)
+
+    def torchserve(self) -> Any:
+        """TorchServe's client (scripts/torchserve/client.py), keyed per call with `token`."""
+        if self._torchserve is None:
+            from scripts.torchserve.client import TorchServeClient
+
+            self._torchserve = TorchServeClient(self.url, self.management_url)
+        return self._torchserve
 
     def renew_token(self) -> bool:
         """TorchServe's keys expire (token_expiration_min) and stay expired in key_file.json:
@@ -161,16 +170,11 @@ class LocalTarget:
             if keys["inference"]["key"] != self.token:  # already renewed by someone else
                 self.token = keys["inference"]["key"]
                 return True
-            reply = requests.get(
-                f"{self.management_url}/token",
-                params={"type": "inference"},
-                headers={"Authorization": f"Bearer {keys['API']['key']}"},
-                timeout=30,
-            )
+            reply = self.torchserve().new_key("inference", token=keys["API"]["key"], timeout=30)
             self.token = json.loads(key_file.read_text())["inference"]["key"]
         except (OSError, ValueError, KeyError, requests.RequestException):
             return False
-        return reply.status_code == 200
+        return reply.status == 200
 
     def describe(self) -> str:
         return f"TorchServe at {self.url}"
@@ -196,13 +200,8 @@ class LocalTarget:
     def post(self, model: str, body: bytes) -> Any:
         import requests
 
-        headers = {"Content-Type": "application/json"}
-        if self.token:
-            headers["Authorization"] = f"Bearer {self.token}"
         try:
-            return requests.post(
-                f"{self.url}/predictions/{model}", data=body, headers=headers, timeout=self.timeout
-            )
+            return self.torchserve().predict(model, body, token=self.token, timeout=self.timeout)
         except requests.ConnectionError:
             raise Unreachable(
                 f"cannot reach {self.url}: start the server with `make serve-local`"

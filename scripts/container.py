@@ -48,7 +48,11 @@ import psutil
 
 from scripts.examples import requests as example_requests
 from scripts.models import MODELS
-from scripts.serve import NativeRuntime, Ports, Readiness, ServeError, read_token, render_profile
+from scripts.torchserve import ServeError
+from scripts.torchserve.client import loopback_url, read_token
+from scripts.torchserve.profile import Ports, render_profile
+from scripts.torchserve.readiness import Readiness
+from scripts.torchserve.runtime import NativeRuntime
 
 IMAGE_ROOT = Path("/opt/mmekit")  # WORKDIR in the Dockerfile: scripts/, configs/, handlers/
 RUN_DIR = IMAGE_ROOT / "run"  # TorchServe's working folder (compose mounts .mmekit/compose)
@@ -224,7 +228,7 @@ def local(run_dir: Path = RUN_DIR, store: Path = MODEL_STORE, scratch: Path = SC
 
 
 def healthcheck(
-    base_url: str = "http://127.0.0.1:8080", run_dir: Path = RUN_DIR, timeout: float = 25.0
+    base_url: str = loopback_url(Ports().inference), run_dir: Path = RUN_DIR, timeout: float = 25.0
 ) -> int:
     """0 only when SAM answers its example request with HTTP 200; 1 otherwise (Docker's
     'unhealthy'). Not /ping: it stays 200 while a worker crash-loops."""
@@ -261,7 +265,7 @@ def main(argv: list[str] | None = None) -> int:
     local_parser = commands.add_parser("local", help="compose: the local profile, all models")
     local_parser.add_argument("--store", type=Path, default=MODEL_STORE, help=argparse.SUPPRESS)
     check_parser = commands.add_parser("healthcheck", help="a real SAM inference, exit 0 on 200")
-    check_parser.add_argument("--url", default="http://127.0.0.1:8080")
+    check_parser.add_argument("--url", default=loopback_url(Ports().inference))
     args = parser.parse_args(argv)
     try:
         if args.command == "serve":

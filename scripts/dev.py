@@ -42,20 +42,11 @@ from scripts.archive import (
 )
 from scripts.examples import requests as example_requests
 from scripts.models import MODELS, spec
-from scripts.serve import (
-    RUN_DIR,
-    NativeRuntime,
-    Ports,
-    ServeError,
-    check_ports_free,
-    interrupt,
-    read_token,
-    render_profile,
-    shut_down,
-    wait_for_ping,
-    wait_for_token,
-    wait_until,
-)
+from scripts.torchserve import ServeError
+from scripts.torchserve.client import Reply, TorchServeClient, loopback_url
+from scripts.torchserve.profile import Ports, check_ports_free, render_profile
+from scripts.torchserve.readiness import wait_for_ping, wait_for_token, wait_until
+from scripts.torchserve.runtime import RUN_DIR, NativeRuntime, interrupt, shut_down
 from scripts.weights import DEFAULT_ROOT, build_tier, sha256_of, weights_dir
 
 PROBE_TIMEOUT_S = 120.0  # a new version that has not answered by then is given up
@@ -108,7 +99,10 @@ class DevServer:
         self.store = self.run_dir / "store"
         self.store.mkdir(parents=True, exist_ok=True)
         self.runtime = NativeRuntime(self.run_dir, self.store)
-        self.session = requests.Session()
+        # the keys are read from key_file.json for every call
+        self.client = TorchServeClient(
+            self.inference_url, self.management_url, key_dir=self.run_dir
+        )
         self.probes = {m: json.dumps(r).encode() for m, r in example_requests(sd_steps=1).items()}
 
     # -- archives ------------------------------------------------------------------------------
@@ -146,46 +140,30 @@ class DevServer:
     # -- TorchServe ----------------------------------------------------------------------------
     @property
     def inference_url(self) -> str:
-        return f"http://127.0.0.1:{self.ports.inference}"
+        return loopback_url(self.ports.inference)
 
     @property
     def management_url(self) -> str:
-        return f"http://127.0.0.1:{self.ports.management}"
+        return loopback_url(self.ports.management)
 
-    def headers(self, api: str) -> dict[str, str]:
-        return {"Authorization": f"Bearer {read_token(self.run_dir, api)}"}
-
-    def register(self, model: str, version: int) -> requests.Response:
-        return self.session.post(
-            f"{self.management_url}/models",
-            params={
-                "url": f"{model}-v{version}.tar.gz",
-                "model_name": model,
-                "initial_workers": 1,
-                "synchronous": "false",  # we probe it ourselves, with a real request
-            },
-            headers=self.headers("management"),
+    def register(self, model: str, version: int) -> Reply:
+        return self.client.register(
+            model,
+            f"{model}-v{version}.tar.gz",
+            query=True,
             timeout=60,
+            initial_workers=1,
+            synchronous="false",  # we probe it ourselves, with a real request
         )
 
     def unregister(self, model: str, version: int) -> None:
         try:
-            self.session.delete(
-                f"{self.management_url}/models/{model}/{version}",
-                headers=self.headers("management"),
-                timeout=60,
-            )
+            self.client.unregister(model, version, timeout=60)
         except requests.RequestException:
             pass
 
     def probe(self, model: str, version: int | None = None) -> requests.Response:
-        path = f"/predictions/{model}" + (f"/{version}" if version else "")
-        return self.session.post(
-            self.inference_url + path,
-            data=self.probes[model],
-            headers={**self.headers("inference"), "Content-Type": "application/json"},
-            timeout=120,
-        )
+        return self.client.predict(model, self.probes[model], version=version, timeout=120)
 
     def worker_failure(self, model: str, version: int, since: int) -> str | None:
         """The error a worker of this version printed while failing to start, if it did."""
@@ -245,7 +223,7 @@ class DevServer:
         for model in MODELS:
             since = self.log_size()
             reply = self.register(model, 1)
-            if reply.status_code not in (200, 202):
+            if reply.status not in (200, 202):
                 raise ServeError(f"registering {model} failed: {reply.text.strip()}")
             self.wait_answering(model, 1, since)
             self.versions[model] = 1
@@ -260,13 +238,7 @@ class DevServer:
         (self.run_dir / "key_file.json").unlink(missing_ok=True)
         process = self.runtime.start(config, [], foreground=True, log=log_stream)
         wait_for_token(self.run_dir, process)
-        wait_for_ping(
-            self.inference_url,
-            process,
-            PING_TIMEOUT_S,
-            headers=self.headers("inference"),
-            session=self.session,
-        )
+        wait_for_ping(self.client, process, PING_TIMEOUT_S)
         return process
 
     def reload(self, model: str, edited_at: float) -> bool:
@@ -283,7 +255,7 @@ class DevServer:
             return False
         since = self.log_size()
         reply = self.register(model, new)
-        if reply.status_code not in (200, 202):
+        if reply.status not in (200, 202):
             log(f"{model}: registering v{new} failed: {reply.text.strip()}")
             archive.unlink(missing_ok=True)
             return False
@@ -296,11 +268,12 @@ class DevServer:
             archive.unlink(missing_ok=True)
             log(f"{model}: v{new} failed to start; v{old} keeps serving:\n{failure}")
             return False
-        self.session.put(
-            f"{self.management_url}/models/{model}/{new}/set-default",
-            headers=self.headers("management"),
-            timeout=60,
-        ).raise_for_status()
+        made_default = self.client.set_default(model, new, timeout=60)
+        if not made_default.ok:
+            raise ServeError(
+                f"{model}: making v{new} the default failed (HTTP {made_default.status}): "
+                f"{made_default.text.strip()}"
+            )
         self.versions[model] = new
         # Requests that reached the old version before the swap are still running or queued
         # there, and TorchServe drops them if their version is unregistered: let them finish.

@@ -45,15 +45,18 @@ from pathlib import Path, PurePosixPath
 from typing import IO, TYPE_CHECKING, Any
 
 import requests
-import requests.auth
 from mmekit_limits import SAGEMAKER_PAYLOAD_BYTES
 from prometheus_client import CollectorRegistry, Counter, Gauge, Summary, generate_latest
 
 from scripts import PROJECT_ROOT
 from scripts.polling import PollTimeout, poll_until
+from scripts.torchserve import ServeError
+from scripts.torchserve.client import Reply, TorchServeClient, loopback_url
+from scripts.torchserve.profile import Ports, check_port_free, free_ports, render_profile
+from scripts.torchserve.readiness import accepts_calls, wait_until
 
 if TYPE_CHECKING:
-    from scripts.serve import NativeRuntime, Ports
+    from scripts.torchserve.runtime import NativeRuntime
 
 logger = logging.getLogger("mmekit.mme")
 
@@ -165,88 +168,8 @@ def make_s3_client(endpoint_url: str | None = None, region: str | None = None) -
 
 
 # ---------------------------------------------------------------------------------------------
-# TorchServe's management and invocation API, as SageMaker's agent uses it
-
-
-@dataclass
-class Reply:
-    status: int
-    body: bytes
-    content_type: str = "application/json"
-
-    @property
-    def text(self) -> str:
-        return self.body.decode("utf-8", errors="replace")
-
-
-class KeyFileAuth(requests.auth.AuthBase):
-    """TorchServe's keys, read from its key_file.json for every call: the management key on the
-    management API, the inference key on the other. None there yet (TorchServe is starting): no
-    header, and TorchServe refuses the call."""
-
-    def __init__(self, key_dir: Path, management_url: str) -> None:
-        self.key_dir, self.management_url = key_dir, management_url
-
-    def __call__(self, request: requests.PreparedRequest) -> requests.PreparedRequest:
-        from scripts.serve import ServeError, read_token  # imports torch: only once it runs
-
-        management = (request.url or "").startswith(self.management_url + "/")
-        try:
-            key = read_token(self.key_dir, "management" if management else "inference")
-        except (ServeError, ValueError, KeyError):  # not written yet, or half written
-            return request
-        request.headers["Authorization"] = f"Bearer {key}"
-        return request
-
-
-class TorchServeClient:
-    """What SageMaker's agent calls: registration on the management API, invocations on the
-    inference API. One port and no key in SageMaker's own profile; in the emulator's (`mme`,
-    start_torchserve) two ports and a key from `key_dir`'s key_file.json on every call."""
-
-    def __init__(
-        self, url: str, management_url: str | None = None, key_dir: Path | None = None
-    ) -> None:
-        self.url = url.rstrip("/")
-        self.management_url = (management_url or url).rstrip("/")
-        self.auth = KeyFileAuth(key_dir, self.management_url) if key_dir is not None else None
-        self._local = threading.local()
-
-    @property
-    def session(self) -> requests.Session:
-        # keep-alive per thread: requests' Session is not meant to be shared between threads
-        if not hasattr(self._local, "session"):
-            session = requests.Session()
-            session.auth = self.auth  # every call through it carries the key
-            self._local.session = session
-        return self._local.session
-
-    def register(self, name: str, folder: Path | PurePosixPath) -> Reply:
-        reply = self.session.post(
-            f"{self.management_url}/models",
-            json={"model_name": name, "url": str(folder)},
-            timeout=LOAD_TIMEOUT_S,
-        )
-        return Reply(reply.status_code, reply.content)
-
-    def describe(self, name: str) -> Reply:
-        reply = self.session.get(f"{self.management_url}/models/{name}", timeout=30)
-        return Reply(reply.status_code, reply.content)
-
-    def unregister(self, name: str) -> Reply:
-        reply = self.session.delete(f"{self.management_url}/models/{name}", timeout=60)
-        return Reply(reply.status_code, reply.content)
-
-    def invoke(
-        self, name: str, target: str, body: bytes, content_type: str, timeout: float
-    ) -> Reply:
-        reply = self.session.post(
-            f"{self.url}/models/{name}/invoke",
-            data=body,
-            headers={"Content-Type": content_type, "X-Amzn-SageMaker-Target-Model": target},
-            timeout=timeout,
-        )
-        return Reply(reply.status_code, reply.content, reply.headers.get("content-type", ""))
+# The TorchServe behind the emulator, called as SageMaker's agent calls it
+# (scripts/torchserve/client.py: TorchServeClient)
 
 
 @dataclass
@@ -261,11 +184,8 @@ class Backend:
 
     def wait_until_accepting(self, timeout: float = 120.0) -> None:
         """Until TorchServe takes calls with its keys (what the emulator's /ping looks for)."""
-        from scripts.serve import accepts_calls, wait_until
-
-        client = self.client
         wait_until(
-            lambda: accepts_calls(client.url, client.management_url, session=client.session),
+            lambda: accepts_calls(self.client, management=True),
             "TorchServe to accept calls",
             timeout,
             READY_POLL_S,
@@ -273,16 +193,17 @@ class Backend:
         )
 
     def stop(self) -> None:
-        from scripts.serve import shut_down
+        from scripts.torchserve.runtime import shut_down
 
         shut_down(self.runtime, self.process)
 
 
 def start_torchserve(root: Path, log: IO[bytes] | None = None) -> Backend:
     """TorchServe as `make serve-mme` runs it, not waited for: the `mme` profile (SageMaker's,
-    with a key on every API: scripts/serve.py PROFILE_CHANGES) on free loopback ports, with
-    <root>/opt/ml/models as its store and <root>/torchserve, owner only, as its run folder."""
-    from scripts.serve import NativeRuntime, Ports, free_ports, render_profile
+    with a key on every API: scripts/torchserve/profile.py PROFILE_CHANGES) on free loopback
+    ports, with <root>/opt/ml/models as its store and <root>/torchserve, owner only, as its run
+    folder."""
+    from scripts.torchserve.runtime import NativeRuntime  # imports yaml: only when started
 
     ports = Ports(*free_ports(5))  # internal: any free loopback ports will do
     run_dir = root / "torchserve"
@@ -295,9 +216,7 @@ def start_torchserve(root: Path, log: IO[bytes] | None = None) -> Backend:
     (runtime.key_dir / "key_file.json").unlink(missing_ok=True)  # no stale keys are read
     process = runtime.start(config, [], foreground=True, log=log)
     client = TorchServeClient(
-        f"http://127.0.0.1:{ports.inference}",
-        f"http://127.0.0.1:{ports.management}",
-        key_dir=runtime.key_dir,
+        loopback_url(ports.inference), loopback_url(ports.management), key_dir=runtime.key_dir
     )
     return Backend(runtime, process, ports, models_dir, client)
 
@@ -328,10 +247,8 @@ class ContainerBackend:
         return self.container.status in ("created", "running")
 
     def wait_until_accepting(self, timeout: float = 180.0) -> None:
-        from scripts.serve import ServeError, accepts_calls, wait_until
-
         def accepting() -> bool:
-            if accepts_calls(self.client.url):
+            if accepts_calls(self.client):
                 return True
             if not self.running():  # no process to watch here: the container's state
                 raise ServeError(f"the container exited; its log:\n{self.logs()}")
@@ -358,7 +275,6 @@ class ContainerBackend:
 def start_container(root: Path, image_tag: str, name: str | None = None) -> ContainerBackend:
     """The image in SageMaker's mode on a free loopback port, not waited for."""
     from scripts import engine
-    from scripts.serve import Ports, free_ports
 
     port = free_ports(1)[0]
     models_dir = root / "opt" / "ml" / "models"
@@ -375,10 +291,10 @@ def start_container(root: Path, image_tag: str, name: str | None = None) -> Cont
         stop_signal="SIGTERM",
         labels={"org.mmekit.role": "mme-backend"},
     )
-    url = f"http://127.0.0.1:{port}"
     return ContainerBackend(
-        container, Ports(port, port), models_dir, TorchServeClient(url), docker_client
-    )
+        container, Ports(port, port), models_dir, TorchServeClient(loopback_url(port)),
+        docker_client,
+    )  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------
@@ -456,10 +372,7 @@ class Endpoint:
     def backend_ready(self) -> bool:
         """TorchServe answers /ping and its management API takes calls (with the client's key,
         where it has one): what SageMaker's /ping of the container means before InService."""
-        from scripts.serve import accepts_calls  # imports torch: only once the server runs
-
-        client = self.torchserve
-        if accepts_calls(client.url, client.management_url, session=client.session):
+        if accepts_calls(self.torchserve, management=True):
             if not self.accepting.is_set():
                 logger.info("ready: TorchServe accepts calls")
             self.accepting.set()
@@ -575,10 +488,10 @@ class Endpoint:
             model = LoadedModel(target, name, folder, size)
             self._make_room(size, target)
             url = self.backend_path(folder)
-            reply = self.torchserve.register(name, url)
+            reply = self.torchserve.register(name, url, timeout=LOAD_TIMEOUT_S)
             if reply.status == 507:  # TorchServe is out of memory: free some, once
                 self.evict_least_recent(keep=target)
-                reply = self.torchserve.register(name, url)
+                reply = self.torchserve.register(name, url, timeout=LOAD_TIMEOUT_S)
             if reply.status == 409:
                 logger.info("%s was already registered (%s)", target, name)
             elif reply.status >= 300:
@@ -767,7 +680,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from scripts.archive import DEFAULT_STORE, archive_models
     from scripts.examples import write_requests
-    from scripts.serve import ServeError, check_port_free, interrupt
+    from scripts.torchserve.runtime import interrupt
 
     parser = argparse.ArgumentParser(
         prog="python -m scripts.mme",

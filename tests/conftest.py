@@ -11,7 +11,7 @@ import pytest
 import requests
 import torch
 
-from scripts.serve import free_ports
+from scripts.torchserve.profile import free_ports
 from scripts.weights import build_tier
 from tests.servers import (  # noqa: F401 - the server fixtures, for every test folder
     local_server,

@@ -1,8 +1,10 @@
 """Real TorchServe servers on free loopback ports, serving the tiny tarballs (fixtures shared by
 every test folder: tests/conftest.py imports them).
 
-Started with the same runner `make serve-local` uses (scripts/serve.py), ready only once every
-model has answered a real inference, torn down at the end; a failing test prints the server log.
+Started with the same runner `make serve-local` uses (scripts/torchserve/runtime.py), ready only
+once every model has answered a real inference (scripts/torchserve/readiness.py), torn down at
+the end; a failing test prints the server log. Each server's `client` is TorchServe's one HTTP
+client (scripts/torchserve/client.py).
 """
 
 from __future__ import annotations
@@ -14,23 +16,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-import requests
 
 from scripts.archive import archive_models
 from scripts.examples import write_requests
 from scripts.mme import Backend, extract_tarball, start_torchserve
 from scripts.models import MODELS
 from scripts.promote import served_digests
-from scripts.serve import (
-    NativeRuntime,
-    Ports,
-    launch_native,
-    read_token,
-    shut_down,
-    wait_for_ping,
-    wait_for_token,
-    wait_until_ready,
-)
+from scripts.torchserve.client import TorchServeClient, loopback_url, read_token
+from scripts.torchserve.profile import Ports
+from scripts.torchserve.readiness import wait_for_ping, wait_for_token, wait_until_ready
+from scripts.torchserve.runtime import NativeRuntime, launch_native, shut_down
 
 READY_TIMEOUT_S = 240
 
@@ -46,15 +41,20 @@ class Server:
     log_path: Path
     token: str | None = None
     management_token: str | None = None
-    session: requests.Session = field(default_factory=requests.Session)
+    # keyed from the server's key_file.json; the sagemaker profile's APIs share one port
+    client: TorchServeClient = field(init=False)
+
+    def __post_init__(self) -> None:
+        management = self.url if self.profile == "sagemaker" else self.management_url
+        self.client = TorchServeClient(self.url, management, key_dir=self.run_dir)
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.ports.inference}"
+        return loopback_url(self.ports.inference)
 
     @property
     def management_url(self) -> str:
-        return f"http://127.0.0.1:{self.ports.management}"
+        return loopback_url(self.ports.management)
 
     def headers(self, token: str | None) -> dict[str, str]:
         headers = {"Content-Type": "application/json"}
@@ -64,16 +64,14 @@ class Server:
 
     def predict(self, model: str, body: bytes | str, token: str | None = "default"):
         token = self.token if token == "default" else token
-        return self.session.post(
-            f"{self.url}/predictions/{model}", data=body, headers=self.headers(token), timeout=120
-        )
+        return self.client.predict(model, body, token=token, timeout=120)
 
     def log_tail(self, lines: int = 80) -> str:
         text = self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
         return "\n".join(text.splitlines()[-lines:])
 
     def stop(self) -> None:
-        self.session.close()
+        self.client.close()
         shut_down(self.runtime, self.process)
 
 
@@ -109,7 +107,7 @@ def start_server(
                 management_token=server.management_token,
             )
         else:
-            wait_for_ping(server.url, server.process, READY_TIMEOUT_S)
+            wait_for_ping(server.client, server.process, READY_TIMEOUT_S)
     except BaseException:
         print(f"--- {profile} server log ---\n{server.log_tail(200)}")
         server.stop()

@@ -27,9 +27,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from scripts import PROJECT_ROOT, container, engine, image, serve
+from scripts import PROJECT_ROOT, container, engine, image
 from scripts.models import MODELS
 from scripts.polling import poll_until
+from scripts.torchserve.profile import PROFILES, Ports, render_profile
+from scripts.torchserve.runtime import COMPOSE_CPU_FILE
 
 DOCKERFILE = PROJECT_ROOT / "Dockerfile"
 DOCKERIGNORE = PROJECT_ROOT / ".dockerignore"
@@ -307,7 +309,7 @@ def test_compose_file_is_valid_compose_and_means_what_we_think():
 def test_every_published_port_binds_loopback_and_follows_the_native_variables():
     ports = compose_service()["ports"]
     assert all(isinstance(port, str) and port.startswith("127.0.0.1:") for port in ports)
-    defaults = serve.Ports()
+    defaults = Ports()
     expected = {
         f"127.0.0.1:${{{name}:-{getattr(defaults, name[:-5].lower())}}}:"
         f"{getattr(defaults, name[:-5].lower())}"
@@ -317,7 +319,7 @@ def test_every_published_port_binds_loopback_and_follows_the_native_variables():
 
 
 def test_the_cpu_override_drops_only_the_gpu_reservation():
-    cpu = normalized_compose(serve.COMPOSE_CPU_FILE)["services"][SERVICE]
+    cpu = normalized_compose(COMPOSE_CPU_FILE)["services"][SERVICE]
     gpu = normalized_compose()["services"][SERVICE]
     assert "deploy" not in cpu and "deploy" in gpu
     assert {k: v for k, v in gpu.items() if k != "deploy"} == cpu
@@ -337,7 +339,7 @@ def test_mounts_are_the_native_configs_and_store_read_only_and_a_writable_run_fo
     configs = volume(container.IMAGE_ROOT / "configs")
     assert (COMPOSE.parent / configs["source"]).resolve() == PROJECT_ROOT / "configs"
     assert configs["read_only"] is True
-    for profile_file in serve.PROFILES.values():  # what render_profile reads, natively too
+    for profile_file in PROFILES.values():  # what render_profile reads, natively too
         assert (PROJECT_ROOT / "configs" / profile_file).is_file()
     store = volume(container.MODEL_STORE)
     assert (COMPOSE.parent / store["source"]).resolve() == PROJECT_ROOT / "model_store"
@@ -372,7 +374,7 @@ def test_no_secrets_in_the_environment():
 
 def test_the_container_renders_the_native_local_profile_except_the_bind_address(tmp_path):
     native_store = tmp_path / "model_store"
-    native = properties(serve.render_profile("local", serve.Ports(), native_store))
+    native = properties(render_profile("local", Ports(), native_store))
     inside = properties(container.local_config())
     for key, value in inside.items():
         if key.endswith("_address"):

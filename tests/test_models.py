@@ -164,7 +164,7 @@ def test_a_fourth_model_is_archived_served_and_benchmarked_from_its_entry_alone(
 
     serving = [SCALE, bench.echo_model(store)]
     with bench.torchserve(tmp_path / "run", store, "local", serving) as served:
-        reply = served.post(f"/predictions/{SCALE}", json.dumps(request).encode())
+        reply = served.predict(SCALE, json.dumps(request).encode())
         assert reply.status_code == 200 and reply.json() == scaled(request)
         overhead = bench.bench_overhead(
             served, tmp_path / "bench", [SCALE], weights_root, BENCH_ROUNDS

@@ -1,5 +1,6 @@
-"""poll_until (scripts/polling.py) and the readiness rule (scripts/serve.py Readiness), against
-a fake check, a short-lived process and a loopback HTTP server standing in for TorchServe."""
+"""poll_until (scripts/polling.py) and the readiness rule (scripts/torchserve/readiness.py
+Readiness), against a fake check, a short-lived process and a loopback HTTP server standing in
+for TorchServe."""
 
 from __future__ import annotations
 
@@ -14,7 +15,8 @@ from dataclasses import dataclass, field
 import pytest
 
 from scripts.polling import PollError, PollTimeout, ProcessExited, poll_until
-from scripts.serve import Readiness, ServeError, wait_until, wait_until_ready
+from scripts.torchserve import ServeError
+from scripts.torchserve.readiness import Readiness, wait_until, wait_until_ready
 
 NO_WAIT_S = 0.0  # a deadline already passed: the check runs once, then the wait gives up
 QUICK_S = 0.01

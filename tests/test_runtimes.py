@@ -18,6 +18,17 @@ import pytest
 
 from scripts import PROJECT_ROOT, engine, image, serve
 from scripts.archive import DEFAULT_STORE
+from scripts.torchserve import ServeError
+from scripts.torchserve import runtime as torchserve_runtime
+from scripts.torchserve.profile import Ports
+from scripts.torchserve.runtime import (
+    ACTIVE_RUNTIME,
+    RUN_DIR,
+    ComposeRuntime,
+    NativeRuntime,
+    active_runtime,
+    choose_runtime,
+)
 
 NVIDIA = {"nvidia": {"path": "nvidia-container-runtime"}, "runc": {"path": "runc"}}
 RUNC_ONLY = {"runc": {"path": "runc"}}
@@ -66,11 +77,13 @@ def engines(monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
         monkeypatch.setattr(engine, "find", lambda environ=None: FAKE_ENGINE if found else None)
         monkeypatch.setattr(engine, "ensure", ensure)
         monkeypatch.setattr(image, "available", lambda: found and "nvidia" in (runtimes or {}))
-        monkeypatch.setattr(serve.ComposeRuntime, "container", lambda self: container)
+        monkeypatch.setattr(ComposeRuntime, "container", lambda self: container)
         built = image.Built("sha256:1", ["mmekit:ctx-abc"], 1, 0.0, "2.14.1", "13.0", True)
         monkeypatch.setattr(image, "build_image", lambda **kwargs: built)
         folder = fake_compose(tmp_path / "bin")
-        monkeypatch.setattr(serve, "compose_cli", lambda: [str(folder / "docker-compose")])
+        monkeypatch.setattr(
+            torchserve_runtime, "compose_cli", lambda: [str(folder / "docker-compose")]
+        )
         return folder
 
     install.state = state
@@ -84,7 +97,7 @@ class FakeContainer:
 
 def test_auto_takes_compose_where_an_engine_has_nvidias_runtime(engines, capsys):
     engines(runtimes=NVIDIA)
-    assert serve.choose_runtime("auto") == "compose"
+    assert choose_runtime("auto") == "compose"
     assert "runtime: compose" in capsys.readouterr().out
 
 
@@ -97,7 +110,7 @@ def test_auto_takes_compose_where_an_engine_has_nvidias_runtime(engines, capsys)
 )
 def test_auto_falls_back_to_native_and_says_why(engines, capsys, answers, reason):
     engines(**answers)
-    assert serve.choose_runtime("auto") == "native"
+    assert choose_runtime("auto") == "native"
     out = capsys.readouterr().out
     assert "runtime: native" in out and reason in out and "RUNTIME=compose|native" in out
     assert engines.state["ensured"] == 0  # auto only looks: it installs and starts nothing
@@ -105,20 +118,20 @@ def test_auto_falls_back_to_native_and_says_why(engines, capsys, answers, reason
 
 def test_native_is_taken_as_asked_without_asking_the_engine(engines):
     engines(runtimes=NVIDIA)
-    assert serve.choose_runtime("native") == "native"
+    assert choose_runtime("native") == "native"
     assert engines.state["ensured"] == 0
 
 
 def test_compose_sets_up_an_engine_where_none_answers(engines):
     engines(found=True, runtimes=RUNC_ONLY)
-    assert serve.choose_runtime("compose") == "compose"
+    assert choose_runtime("compose") == "compose"
     assert engines.state["ensured"] == 1
 
 
 def test_compose_without_an_engine_is_one_line_saying_what_to_do(engines, capsys):
     engines(found=False)
-    with pytest.raises(serve.ServeError, match="RUNTIME=compose: no Docker engine"):
-        serve.choose_runtime("compose")
+    with pytest.raises(ServeError, match="RUNTIME=compose: no Docker engine"):
+        choose_runtime("compose")
     # the same through the CLI: exit 1, one line on stderr, nothing started
     assert serve.main(["--run-dir", "/nonexistent-run", "start", "--runtime", "compose"]) == 1
     err = capsys.readouterr().err.strip()
@@ -139,8 +152,8 @@ def test_compose_up_runs_the_built_image_on_the_native_ports(engines, tmp_path, 
     monkeypatch.delenv("MMEKIT_UID", raising=False)
     monkeypatch.delenv("MMEKIT_GID", raising=False)
     monkeypatch.setattr(os, "chown", lambda *args: None)
-    runtime = serve.ComposeRuntime(serve.RUN_DIR, DEFAULT_STORE)  # what compose.yaml mounts
-    ports = serve.Ports(18080, 18081, 18082, 17070, 17071)
+    runtime = ComposeRuntime(RUN_DIR, DEFAULT_STORE)  # what compose.yaml mounts
+    ports = Ports(18080, 18081, 18082, 17070, 17071)
     process = runtime.start(tmp_path / "unused.properties", ["sam"], foreground=False, ports=ports)
     assert process.wait(timeout=30) == 0
     (call,) = calls(folder)
@@ -152,31 +165,31 @@ def test_compose_up_runs_the_built_image_on_the_native_ports(engines, tmp_path, 
     ]  # fmt: skip
     assert call["port"] == "18080" and call["image"] == "mmekit:ctx-abc"
     assert call["host"] == FAKE_ENGINE.host
-    assert call["uid"] == str(os.getuid() or serve.ComposeRuntime.IMAGE_UID) != "0"
+    assert call["uid"] == str(os.getuid() or ComposeRuntime.IMAGE_UID) != "0"
     assert ("compose on the CPU" in capsys.readouterr().out) is not gpu
     # the run folder compose.yaml mounts exists before compose starts (create_host_path: false)
     assert runtime.key_dir.is_dir() and runtime.key_dir == PROJECT_ROOT / ".mmekit" / "compose"
 
 
 def test_compose_in_the_foreground_stays_attached(tmp_path):
-    command = serve.ComposeRuntime(tmp_path, DEFAULT_STORE).command(tmp_path, [], True)
+    command = ComposeRuntime(tmp_path, DEFAULT_STORE).command(tmp_path, [], True)
     assert command[-2:] == ["up", "--no-build"]
 
 
 def test_compose_refuses_a_store_or_run_folder_it_does_not_mount(engines, tmp_path):
     folder = engines()
     for runtime in (
-        serve.ComposeRuntime(serve.RUN_DIR, tmp_path / "elsewhere"),
-        serve.ComposeRuntime(tmp_path / "run", DEFAULT_STORE),
+        ComposeRuntime(RUN_DIR, tmp_path / "elsewhere"),
+        ComposeRuntime(tmp_path / "run", DEFAULT_STORE),
     ):
-        with pytest.raises(serve.ServeError, match="RUNTIME=native"):
+        with pytest.raises(ServeError, match="RUNTIME=native"):
             runtime.start(tmp_path / "unused.properties", [], foreground=True)
     assert calls(folder) == []  # nothing started
 
 
 def test_compose_running_pid_is_the_containers_and_stop_is_compose_down(engines, tmp_path):
     folder = engines(container=FakeContainer(4242))
-    runtime = serve.ComposeRuntime(tmp_path, DEFAULT_STORE)
+    runtime = ComposeRuntime(tmp_path, DEFAULT_STORE)
     assert runtime.running_pid() == 4242
     assert runtime.stop() is True
     assert calls(folder)[-1]["args"][-1] == "down"
@@ -184,20 +197,20 @@ def test_compose_running_pid_is_the_containers_and_stop_is_compose_down(engines,
 
 def test_compose_with_nothing_running_has_no_pid_and_stop_says_so(engines, tmp_path):
     engines(container=None)
-    runtime = serve.ComposeRuntime(tmp_path, DEFAULT_STORE)
+    runtime = ComposeRuntime(tmp_path, DEFAULT_STORE)
     assert runtime.running_pid() is None
     assert runtime.stop() is False
 
 
 def test_compose_without_an_engine_is_not_running(monkeypatch, tmp_path):
     monkeypatch.setattr(engine, "find", lambda environ=None: None)
-    runtime = serve.ComposeRuntime(tmp_path, DEFAULT_STORE)
+    runtime = ComposeRuntime(tmp_path, DEFAULT_STORE)
     assert runtime.container() is None and runtime.running_pid() is None
 
 
 def test_token_and_stop_follow_the_runtime_last_started(engines, tmp_path, capsys):
     folder = engines(container=None)
-    (tmp_path / serve.ACTIVE_RUNTIME).write_text("compose\n")
+    (tmp_path / ACTIVE_RUNTIME).write_text("compose\n")
     keys = {"inference": {"key": "from-compose"}, "management": {"key": "m"}}
     (tmp_path / "compose").mkdir()
     (tmp_path / "compose" / "key_file.json").write_text(json.dumps(keys))
@@ -209,4 +222,4 @@ def test_token_and_stop_follow_the_runtime_last_started(engines, tmp_path, capsy
 
 
 def test_without_a_record_the_runtime_is_native(tmp_path):
-    assert isinstance(serve.active_runtime(tmp_path), serve.NativeRuntime)
+    assert isinstance(active_runtime(tmp_path), NativeRuntime)

@@ -1,4 +1,5 @@
-"""The two TorchServe profiles and the serve tool's own checks, without starting a server."""
+"""The two TorchServe profiles (scripts/torchserve/profile.py) and the serve tool's own checks,
+without starting a server."""
 
 from __future__ import annotations
 
@@ -8,12 +9,13 @@ from pathlib import Path
 import pytest
 
 from scripts import serve
+from scripts.torchserve import ServeError
+from scripts.torchserve.profile import Ports, check_ports_free, render_profile
+from scripts.torchserve.runtime import RUN_DIR
 
 
 def properties(profile: str) -> dict[str, str]:
-    text = serve.render_profile(
-        profile, serve.Ports(18080, 18081, 18082, 17070, 17071), Path("/srv/models")
-    )
+    text = render_profile(profile, Ports(18080, 18081, 18082, 17070, 17071), Path("/srv/models"))
     pairs = [line.split("=", 1) for line in text.splitlines() if line and not line.startswith("#")]
     return {key.strip(): value.strip() for key, value in pairs}
 
@@ -52,23 +54,23 @@ def test_a_port_in_use_is_named_in_one_line():
         holder.bind(("127.0.0.1", 0))
         holder.listen()
         port = holder.getsockname()[1]
-        ports = serve.Ports(port, *[p for p in (port + 1, port + 2, port + 3, port + 4)])
-        with pytest.raises(serve.ServeError) as raised:
-            serve.check_ports_free(ports, "local")
+        ports = Ports(port, *[p for p in (port + 1, port + 2, port + 3, port + 4)])
+        with pytest.raises(ServeError) as raised:
+            check_ports_free(ports, "local")
     message = str(raised.value)
     assert f"port {port} (inference)" in message and "INFERENCE_PORT" in message
     assert "\n" not in message
 
 
 def test_ports_come_from_the_environment():
-    ports = serve.Ports.from_env({"INFERENCE_PORT": "9080", "METRICS_PORT": "9082"})
+    ports = Ports.from_env({"INFERENCE_PORT": "9080", "METRICS_PORT": "9082"})
     assert (ports.inference, ports.management, ports.metrics) == (9080, 8081, 9082)
-    with pytest.raises(serve.ServeError, match="INFERENCE_PORT"):
-        serve.Ports.from_env({"INFERENCE_PORT": "http"})
+    with pytest.raises(ServeError, match="INFERENCE_PORT"):
+        Ports.from_env({"INFERENCE_PORT": "http"})
 
 
 def test_curl_lines_name_the_port_the_token_helper_and_the_request_files(tmp_path):
-    text = serve.curl_lines(serve.Ports(inference=9999), serve.RUN_DIR / "requests")
+    text = serve.curl_lines(Ports(inference=9999), RUN_DIR / "requests")
     assert "http://127.0.0.1:9999/predictions/sam" in text
     assert "$(make -s token)" in text and "Content-Type: application/json" in text
     assert "@.mmekit/requests/sd.json" in text

@@ -20,8 +20,11 @@ from pathlib import Path
 import pytest
 import requests
 
-from scripts import PROJECT_ROOT, image, serve
-from scripts.serve import Ports, free_ports
+from scripts import PROJECT_ROOT, image
+from scripts.archive import DEFAULT_STORE
+from scripts.torchserve.client import TorchServeClient, loopback_url, read_token
+from scripts.torchserve.profile import Ports, free_ports
+from scripts.torchserve.runtime import COMPOSE_PROJECT, RUN_DIR, ComposeRuntime
 from tests.container.conftest import processes, timed
 
 OUTPUTS = ("mask.png", "erased.png", "replaced.png")
@@ -62,7 +65,7 @@ def composed(serving_image, archives, docker_client) -> Iterator[tuple[Ports, st
 
 
 def the_container(docker_client):
-    found = serve.ComposeRuntime(serve.RUN_DIR, serve.DEFAULT_STORE).container()
+    found = ComposeRuntime(RUN_DIR, DEFAULT_STORE).container()
     assert found is not None, "no running compose container"
     return docker_client.containers.get(found.id)
 
@@ -95,16 +98,11 @@ def test_the_printed_curl_lines_work_as_printed(composed, tmp_path):
 
 def test_a_bad_request_is_400_json(composed):
     ports, _, _ = composed
-    token = serve.read_token(serve.RUN_DIR / "compose")
-    reply = requests.post(
-        f"http://127.0.0.1:{ports.inference}/predictions/sam", data=b'{"image": 5}',
-        headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"},
-        timeout=60,
-    )  # fmt: skip
+    torchserve = TorchServeClient(loopback_url(ports.inference))
+    token = read_token(RUN_DIR / "compose")
+    reply = torchserve.predict("sam", b'{"image": 5}', token=token, timeout=60)
     assert reply.status_code == 400 and isinstance(reply.json()["message"], str)
-    unauthorised = requests.post(
-        f"http://127.0.0.1:{ports.inference}/predictions/sam", data=b"{}", timeout=60
-    )
+    unauthorised = torchserve.predict("sam", b"{}", timeout=60)
     assert unauthorised.status_code in (400, 401)  # token auth is on in the container too
 
 
@@ -150,13 +148,13 @@ def test_make_stop_ends_the_container_cleanly(composed, docker_client):
     assert done.returncode == 0 and done.stdout.strip() == "stopped", done.stdout + done.stderr
     # 0: PID 1 stopped TorchServe itself; 137 would be the engine's SIGKILL after the grace
     assert exit_status.get("StatusCode") == 0, exit_status
-    assert serve.ComposeRuntime(serve.RUN_DIR, serve.DEFAULT_STORE).container() is None
+    assert ComposeRuntime(RUN_DIR, DEFAULT_STORE).container() is None
     assert not docker_client.containers.list(all=True, filters={"id": found.id})
     with pytest.raises(requests.ConnectionError):
-        requests.get(f"http://127.0.0.1:{ports.inference}/ping", timeout=5)
+        TorchServeClient(loopback_url(ports.inference)).ping(timeout=5)
 
 
 def test_nothing_is_left_running(composed, docker_client):
-    labels = [f"com.docker.compose.project={serve.COMPOSE_PROJECT}"]
+    labels = [f"com.docker.compose.project={COMPOSE_PROJECT}"]
     assert docker_client.containers.list(all=True, filters={"label": labels}) == []
     assert Path(PROJECT_ROOT / ".mmekit" / "runtime").read_text().strip() == "compose"

@@ -40,8 +40,13 @@ import pytest
 import requests
 import yaml
 
-from scripts import PROJECT_ROOT, container, examples, serve
-from scripts.serve import NativeRuntime, Ports, free_ports, render_profile, wait_for_token
+from scripts import PROJECT_ROOT, container, examples
+from scripts.polling import PollTimeout, poll_until
+from scripts.torchserve import runtime as torchserve_runtime
+from scripts.torchserve.client import Reply
+from scripts.torchserve.profile import PROFILES, Ports, free_ports, render_profile
+from scripts.torchserve.readiness import wait_for_token
+from scripts.torchserve.runtime import NativeRuntime
 from tests.servers import Server, emulator_backend, extract_like_sagemaker
 
 # Set in the guarded server's environment: no worker may see any of them.
@@ -180,10 +185,8 @@ def rotate(server: Server, api: str) -> str:
     """A fresh key for `api` from the token API (authorised by the API key), as the key file
     then names it."""
     api_key = key_file(server)["API"]["key"]
-    reply = requests.get(
-        f"{server.management_url}/token", params={"type": api}, headers=bearer(api_key), timeout=30
-    )
-    assert reply.status_code == 200, reply.text
+    reply = server.client.new_key(api, token=api_key, timeout=30)
+    assert reply.status == 200, reply.text
     return key_file(server)[api]["key"]
 
 
@@ -200,23 +203,20 @@ def wait_past_expiry(server: Server, api: str) -> None:
 
 
 def wait_for_worker(server: Server, model: str, timeout: float = 120.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+    def worker_ready() -> bool:
         assert server.process.poll() is None, "TorchServe exited at start"
         try:
-            reply = requests.get(
-                f"{server.management_url}/models/{model}",
-                headers=bearer(rotate(server, "management")),
-                timeout=10,
-            )
-            if reply.status_code == 200 and any(
+            reply = server.client.describe(model, timeout=10, token=rotate(server, "management"))
+            return reply.status == 200 and any(
                 w["status"] == "READY" for w in reply.json()[0]["workers"]
-            ):
-                return
+            )
         except (requests.RequestException, AssertionError, OSError, ValueError):
-            pass
-        time.sleep(0.5)
-    raise AssertionError(f"{model} has no READY worker after {timeout:.0f} s")
+            return False
+
+    try:
+        poll_until(worker_ready, what=f"a READY {model} worker", timeout=timeout, interval=0.5)
+    except PollTimeout:
+        raise AssertionError(f"{model} has no READY worker after {timeout:.0f} s") from None
 
 
 @pytest.fixture(scope="module")
@@ -351,13 +351,13 @@ def test_every_live_socket_of_the_frontend_and_its_workers_is_loopback(
 
 
 def rendered_profiles() -> dict[str, dict[str, str]]:
-    return {p: properties(render_profile(p, Ports(), Path("/srv/m"))) for p in serve.PROFILES}
+    return {p: properties(render_profile(p, Ports(), Path("/srv/m"))) for p in PROFILES}
 
 
 LACKING_BLACKLIST = sorted(
     p for p, c in rendered_profiles().items() if "blacklist_env_vars" not in c
 )
-ADMITTING_ENCODED = sorted(p for p in serve.PROFILES if profile_admits_encoded_traversal(p))
+ADMITTING_ENCODED = sorted(p for p in PROFILES if profile_admits_encoded_traversal(p))
 # what workers need, which the blacklist must leave alone
 WORKER_NEEDS = ("PATH", "HOME", "PYTHONPATH", "LD_LIBRARY_PATH", "CUDA_VISIBLE_DEVICES",
                 "OMP_NUM_THREADS", "TMPDIR", "SAGEMAKER_MULTI_MODEL", "TS_CONFIG_FILE")  # fmt: skip
@@ -386,7 +386,7 @@ def test_every_profile_keeps_secret_variables_from_workers(figures):
 )
 def test_every_profile_allowed_urls_refuse_percent_encoded_dots(figures):
     assert not ADMITTING_ENCODED
-    figures.add(inputs_tried=len(serve.PROFILES))
+    figures.add(inputs_tried=len(PROFILES))
 
 
 # -- the model API ---------------------------------------------------------------------------
@@ -410,7 +410,7 @@ def test_local_profile_answers_every_model_api_call_with_405(local_server: Serve
             timeout=30,
         )
         assert reply.status_code == 405, (method, path, params, reply.text)
-    listing = requests.get(f"{local_server.management_url}/models", headers=management, timeout=30)
+    listing = local_server.client.models(token=local_server.management_token)
     assert {m["modelName"] for m in listing.json()["models"]} == {"sam", "lama", "sd"}
     assert canary.connections == 0
     figures.add(inputs_tried=len(attempts), requests_sent=len(attempts) + 1)
@@ -419,28 +419,22 @@ def test_local_profile_answers_every_model_api_call_with_405(local_server: Serve
 # -- allowed_urls ----------------------------------------------------------------------------
 
 
-def management_api(server: Server) -> str:
-    """The sagemaker profile serves the management API on the inference port."""
-    return server.url if server.profile == "sagemaker" else server.management_url
+# The server's client calls the management API where its profile serves it (the sagemaker
+# profile: on the inference port), with exactly the key given (None: no key).
 
 
 def register(
     server: Server, url: str, name: str, token: str | None = None, **params: str | int
-) -> requests.Response:
-    return requests.post(
-        f"{management_api(server)}/models",
-        params={"url": url, "model_name": name, **params},
-        headers=bearer(token),
-        timeout=120,
-    )
+) -> Reply:
+    return server.client.register(name, url, query=True, token=token, timeout=120, **params)
 
 
 def unregister(server: Server, name: str, token: str | None = None) -> None:
-    requests.delete(f"{management_api(server)}/models/{name}", headers=bearer(token), timeout=120)
+    server.client.unregister(name, token=token, timeout=120)
 
 
 def registered(server: Server, token: str | None = None) -> set[str]:
-    reply = requests.get(f"{management_api(server)}/models", headers=bearer(token), timeout=30)
+    reply = server.client.models(token=token, timeout=30)
     return {m["modelName"] for m in reply.json()["models"]}
 
 
@@ -463,8 +457,8 @@ def test_allowed_urls_refuse_remote_urls_outside_files_and_dot_dot_paths(
     statuses = []
     for number, url in enumerate(urls):
         reply = register(server, url, f"hardening-url-{number}")
-        statuses.append(reply.status_code)
-        assert 400 <= reply.status_code < 500, (url, reply.status_code, reply.text)
+        statuses.append(reply.status)
+        assert 400 <= reply.status < 500, (url, reply.status, reply.text)
     assert canary.connections == 0  # TorchServe never even tried to fetch
     assert sorted(store.rglob("*")) == before
     assert not {n for n in registered(server) if n.startswith("hardening-url-")}
@@ -485,7 +479,7 @@ def assert_encoded_traversal_refused(
     try:
         for number, url in enumerate(encoded_traversal(server.store, target)):
             reply = register(server, url, f"hardening-encoded-{number}", token())
-            outcomes.append((url, reply.status_code, reply.text[:160], copied.exists()))
+            outcomes.append((url, reply.status, reply.text[:160], copied.exists()))
     finally:
         leaked = copied.exists()
         copied.unlink(missing_ok=True)  # leave the shared store as it was
@@ -541,8 +535,8 @@ def test_sagemakers_own_mode_takes_a_plain_path_from_whoever_reaches_it(
     outside = extract_like_sagemaker(served_store / "sam.tar.gz", tmp_path, "outside")
     try:
         reply = register(sagemaker_server, str(outside), "hardening-outside", initial_workers=0)
-        figures.add(inputs_tried=1, requests_sent=1, server_errors=reply.status_code >= 500)
-        assert reply.status_code == 200, reply.text
+        figures.add(inputs_tried=1, requests_sent=1, server_errors=reply.status >= 500)
+        assert reply.status == 200, reply.text
     finally:
         if "hardening-outside" in registered(sagemaker_server):
             unregister(sagemaker_server, "hardening-outside")
@@ -590,7 +584,7 @@ def test_no_other_local_client_registers_a_plain_path_outside_the_store(
     # the control: with the key the same request is taken, so nothing but the key refused it
     control = register(server, str(outside), "hardening-keyed", management, initial_workers=0)
     try:
-        assert control.status_code == 200, control.text
+        assert control.status == 200, control.text
     finally:
         unregister(server, "hardening-keyed", management)
     figures.add(
@@ -721,7 +715,8 @@ def test_the_client_recovers_from_an_expired_token(
     from scripts import client
 
     rotate(guarded, "inference")
-    monkeypatch.setattr(serve, "RUN_DIR", guarded.run_dir)  # where `make serve-local` runs
+    # where `make serve-local` runs: the run folder the client's from_environment reads
+    monkeypatch.setattr(torchserve_runtime, "RUN_DIR", guarded.run_dir)
     monkeypatch.delenv("MMEKIT_TOKEN", raising=False)
     monkeypatch.setenv("INFERENCE_PORT", str(guarded.ports.inference))
     monkeypatch.setenv("MANAGEMENT_PORT", str(guarded.ports.management))

@@ -51,17 +51,12 @@ from scripts.archive import (
 from scripts.examples import ball_mask, encode, scene, write_requests
 from scripts.examples import requests as example_requests
 from scripts.models import MODELS, spec
-from scripts.serve import (
-    NativeRuntime,
-    Ports,
-    ServeError,
-    free_ports,
-    read_token,
-    render_profile,
-    shut_down,
-    wait_for_token,
-    wait_until_ready,
-)
+from scripts.polling import PollTimeout, poll_until
+from scripts.torchserve import ServeError
+from scripts.torchserve.client import loopback_url, read_token
+from scripts.torchserve.profile import Ports, free_ports, render_profile
+from scripts.torchserve.readiness import wait_for_token, wait_until_ready
+from scripts.torchserve.runtime import NativeRuntime, shut_down
 from tests.servers import Server, start_server
 
 RECOVERY_BOUND_S = 10.0  # the issue: the next request succeeds within 10 s
@@ -155,12 +150,7 @@ class Outcome:
 def post(server: Server, model: str, body: str, timeout: float = NO_HANG_S) -> Outcome:
     started = time.monotonic()
     try:
-        reply = requests.post(
-            f"{server.url}/predictions/{model}",
-            data=body,
-            headers=server.headers(server.token),
-            timeout=timeout,
-        )
+        reply = server.client.predict(model, body, token=server.token, timeout=timeout)
     except requests.RequestException as error:
         return Outcome(None, repr(error), time.monotonic() - started)
     return Outcome(reply.status_code, "", time.monotonic() - started, reply.text[:300])
@@ -174,12 +164,8 @@ def frontend(server: Server) -> psutil.Process:
 
 def worker_pid(server: Server, model: str) -> int:
     """The pid of `model`'s one worker (management API), checked to be a child of the frontend."""
-    reply = requests.get(
-        f"{server.management_url}/models/{model}",
-        headers={"Authorization": f"Bearer {server.management_token}"},
-        timeout=10,
-    )
-    assert reply.status_code == 200, reply.text
+    reply = server.client.describe(model, timeout=10, token=server.management_token)
+    assert reply.status == 200, reply.text
     workers = reply.json()[0]["workers"]
     assert len(workers) == 1, workers
     pid = int(workers[0]["pid"])
@@ -192,10 +178,15 @@ def wait_until_busy(pid: int, bound_s: float = NO_HANG_S) -> None:
     """Until the worker has used CPU since the call: it has a request (idle workers block)."""
     process = psutil.Process(pid)
     start = sum(process.cpu_times()[:2])
-    deadline = time.monotonic() + bound_s
-    while sum(process.cpu_times()[:2]) - start < 0.05:
-        assert time.monotonic() < deadline, f"worker {pid} never started on the request"
-        time.sleep(0.01)
+    try:
+        poll_until(
+            lambda: sum(process.cpu_times()[:2]) - start >= 0.05,
+            what=f"worker {pid} to start on the request",
+            timeout=bound_s,
+            interval=0.01,
+        )
+    except PollTimeout:
+        raise AssertionError(f"worker {pid} never started on the request") from None
 
 
 @dataclass
@@ -419,13 +410,13 @@ def test_a_handler_that_fails_to_initialise_is_reported_not_ready_at_once(
         probes = {"lama": write_requests(run_dir / "readiness", sd_steps=1)["lama"]}
         with pytest.raises(ServeError) as raised:
             wait_until_ready(
-                f"http://127.0.0.1:{ports.inference}",
+                loopback_url(ports.inference),
                 token,
                 probes,
                 process,
                 timeout=10 * NOT_READY_BOUND_S,  # serve-local's own timeout is 600 s
                 log=model_log,
-                management_url=f"http://127.0.0.1:{ports.management}",
+                management_url=loopback_url(ports.management),
                 management_token=read_token(run_dir, "management"),
             )
         elapsed = time.monotonic() - started
@@ -485,14 +476,13 @@ def test_sigterm_with_five_requests_in_flight_shuts_down_cleanly(
 
 
 def wait_for_queue(server: Server, model: str, pending: int, bound_s: float = NO_HANG_S) -> None:
-    deadline = time.monotonic() + bound_s
-    while True:
-        reply = requests.get(
-            f"{server.management_url}/models/{model}",
-            headers={"Authorization": f"Bearer {server.management_token}"},
-            timeout=10,
+    def queued() -> bool:
+        reply = server.client.describe(model, timeout=10, token=server.management_token)
+        return reply.json()[0]["jobQueueStatus"]["pendingRequests"] >= pending
+
+    try:
+        poll_until(
+            queued, what=f"{pending} {model} requests queued", timeout=bound_s, interval=0.05
         )
-        if reply.json()[0]["jobQueueStatus"]["pendingRequests"] >= pending:
-            return
-        assert time.monotonic() < deadline, f"{model}: {pending} requests never queued"
-        time.sleep(0.05)
+    except PollTimeout:
+        raise AssertionError(f"{model}: {pending} requests never queued") from None

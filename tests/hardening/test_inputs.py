@@ -547,9 +547,8 @@ def corpus_params() -> Iterator[object]:
 
 
 def send(server: Server, model: str, data: bytes, content_type: str) -> requests.Response:
-    headers = {"Content-Type": content_type, "Authorization": f"Bearer {server.token}"}
-    return server.session.post(
-        f"{server.url}/predictions/{model}", data=data, headers=headers, timeout=120
+    return server.client.predict(
+        model, data, content_type=content_type, token=server.token, timeout=120
     )
 
 

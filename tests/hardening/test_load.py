@@ -51,22 +51,12 @@ class Answer:
     text: str = ""
 
 
-_sessions = threading.local()
-
-
 def post(server: Server, model: str, body: str, timeout: float = REQUEST_BOUND_S) -> Answer:
-    """One request on this thread's keep-alive session, as a client library sends them."""
-    session = getattr(_sessions, "session", None)
-    if session is None:
-        session = _sessions.session = requests.Session()
+    """One request on this thread's keep-alive session (the client keeps one per thread), as a
+    client library sends them."""
     started = time.monotonic()
     try:
-        reply = session.post(
-            f"{server.url}/predictions/{model}",
-            data=body,
-            headers=server.headers(server.token),
-            timeout=timeout,
-        )
+        reply = server.client.predict(model, body, token=server.token, timeout=timeout)
     except requests.RequestException as error:
         return Answer(model, None, time.monotonic() - started, repr(error))
     return Answer(model, reply.status_code, time.monotonic() - started, text=reply.text[:200])
@@ -234,11 +224,7 @@ def read_status(sock: socket.socket) -> int | None:
 
 
 def worker_pid(server: Server, model: str) -> int:
-    reply = requests.get(
-        f"{server.management_url}/models/{model}",
-        headers={"Authorization": f"Bearer {server.management_token}"},
-        timeout=10,
-    )
+    reply = server.client.describe(model, timeout=10, token=server.management_token)
     return int(reply.json()[0]["workers"][0]["pid"])
 
 

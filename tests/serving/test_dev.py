@@ -22,7 +22,9 @@ import requests
 from scripts import PROJECT_ROOT
 from scripts.examples import requests as example_requests
 from scripts.polling import poll_until
-from scripts.serve import NativeRuntime, Ports, free_ports
+from scripts.torchserve.client import TorchServeClient, loopback_url, read_token
+from scripts.torchserve.profile import Ports, free_ports
+from scripts.torchserve.runtime import NativeRuntime
 
 START_TIMEOUT_S = 300
 RELOAD_TIMEOUT_S = 120
@@ -56,13 +58,13 @@ class Dev:
         )
 
     def predict_sam(self) -> requests.Response:
-        token = json.loads((self.run_dir / "key_file.json").read_text())["inference"]["key"]
-        return requests.post(
-            f"http://127.0.0.1:{self.ports.inference}/predictions/sam",
-            data=json.dumps(example_requests()["sam"]),
-            headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"},
-            timeout=60,
-        )
+        token = read_token(self.run_dir)
+        torchserve = TorchServeClient(loopback_url(self.ports.inference))
+        try:
+            body = json.dumps(example_requests()["sam"])
+            return torchserve.predict("sam", body, token=token, timeout=60)
+        finally:
+            torchserve.close()
 
     def edit(self, old: str, new: str) -> None:
         handler = self.root / "handlers" / "sam_handler.py"

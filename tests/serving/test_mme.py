@@ -29,16 +29,15 @@ from scripts.mme import (
     Backend,
     Endpoint,
     LocalSource,
-    Reply,
     S3Source,
-    TorchServeClient,
     create_app,
     make_s3_client,
     model_name,
 )
 from scripts.models import MODELS
 from scripts.polling import poll_until
-from scripts.serve import free_ports
+from scripts.torchserve.client import Reply, TorchServeClient, loopback_url
+from scripts.torchserve.profile import free_ports
 from tests.servers import Server, emulator_backend
 
 ENDPOINT = "mmekit-test"
@@ -327,7 +326,7 @@ def starting(served_store: Path, tmp_path: Path) -> Iterator[Emulator]:
         source=LocalSource(served_store),
         models_dir=tmp_path / "models",
         downloads_dir=tmp_path / "downloads",
-        torchserve=TorchServeClient(f"http://127.0.0.1:{closed}"),
+        torchserve=TorchServeClient(loopback_url(closed)),
         not_ready_after_s=0.5,
     )
     yield from serve_endpoint(endpoint)

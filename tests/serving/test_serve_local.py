@@ -13,8 +13,10 @@ import psutil
 import pytest
 import requests
 
-from scripts import serve
-from scripts.serve import Ports, free_ports
+from scripts import PROJECT_ROOT, serve
+from scripts.torchserve.client import TorchServeClient, loopback_url
+from scripts.torchserve.profile import Ports, free_ports
+from scripts.torchserve.runtime import active_runtime
 
 
 @pytest.fixture
@@ -42,7 +44,7 @@ def detached(tmp_path: Path, weights_root: Path, monkeypatch: pytest.MonkeyPatch
 
 def test_start_detached_serves_the_printed_curl_lines_and_stop_ends_it(detached, capsys, tmp_path):
     ports, run_dir, argv, out = detached
-    if serve.active_runtime(run_dir).name == "native":
+    if active_runtime(run_dir).name == "native":
         assert "runtime: native" in out
     assert "RANDOM WEIGHTS" in out  # tiny weights get the banner
     curl = [line for line in out.splitlines() if line.strip().startswith("curl")]
@@ -58,7 +60,7 @@ def test_start_detached_serves_the_printed_curl_lines_and_stop_ends_it(detached,
         command = command.replace(f" {output}", f" {tmp_path / output}")
         done = subprocess.run(
             ["bash", "-c", f"set -o pipefail; {command}"],
-            cwd=serve.PROJECT_ROOT,
+            cwd=PROJECT_ROOT,
             capture_output=True,
             text=True,
             timeout=300,
@@ -66,7 +68,7 @@ def test_start_detached_serves_the_printed_curl_lines_and_stop_ends_it(detached,
         assert done.returncode == 0, done.stdout + done.stderr
         assert (tmp_path / output).read_bytes().startswith(b"\x89PNG"), done.stdout
 
-    frontend = serve.active_runtime(run_dir).running_pid()
+    frontend = active_runtime(run_dir).running_pid()
     assert frontend is not None
     server = [psutil.Process(frontend), *psutil.Process(frontend).children(recursive=True)]
     assert len(server) >= 4  # the frontend and one worker per model
@@ -74,7 +76,7 @@ def test_start_detached_serves_the_printed_curl_lines_and_stop_ends_it(detached,
     assert capsys.readouterr().out.strip() == "stopped"
     assert not any(_alive(process) for process in server)
     with pytest.raises(requests.ConnectionError):
-        requests.get(f"http://127.0.0.1:{ports.inference}/ping", timeout=5)
+        TorchServeClient(loopback_url(ports.inference)).ping(timeout=5)
 
 
 def _alive(process: psutil.Process) -> bool:

@@ -81,13 +81,11 @@ def test_bad_input_is_a_400_json_and_the_worker_keeps_serving(local_server: Serv
 
 
 def test_form_encoded_body_gets_a_hint_about_content_type(local_server: Server):
-    reply = requests.post(
-        f"{local_server.url}/predictions/lama",
-        data=click(),
-        headers={
-            "Authorization": f"Bearer {local_server.token}",
-            "Content-Type": "application/x-www-form-urlencoded",
-        },
+    reply = local_server.client.predict(
+        "lama",
+        click(),
+        content_type="application/x-www-form-urlencoded",
+        token=local_server.token,
         timeout=30,
     )
     assert reply.status_code == 400
@@ -127,11 +125,7 @@ def test_model_registration_api_is_off(local_server: Server):
         timeout=30,
     )
     assert reply.status_code == 405
-    listing = requests.get(
-        f"{local_server.management_url}/models",
-        headers=local_server.headers(local_server.management_token),
-        timeout=30,
-    )
+    listing = local_server.client.models(token=local_server.management_token, timeout=30)
     assert {m["modelName"] for m in listing.json()["models"]} == {"sam", "lama", "sd"}
 
 
@@ -181,12 +175,8 @@ def registered(sagemaker_server: Server, served_store) -> Server:
         tarball = served_store / f"{model}.tar.gz"
         name = hashlib.sha256(tarball.read_bytes()).hexdigest()[:16]
         folder = extract_like_sagemaker(tarball, sagemaker_server.store, name)
-        reply = requests.post(
-            f"{sagemaker_server.url}/models",
-            json={"model_name": model, "url": str(folder)},
-            timeout=120,
-        )
-        assert reply.status_code in (200, 202), reply.text
+        reply = sagemaker_server.client.register(model, folder, timeout=120)
+        assert reply.status in (200, 202), reply.text
     return sagemaker_server
 
 
@@ -237,7 +227,5 @@ def test_sagemaker_profile_needs_no_token_and_answers_bad_input_with_400(registe
 
 def test_registering_a_loaded_model_again_is_a_conflict(registered: Server, served_store):
     folder = next(registered.store.glob("*/model"))
-    reply = requests.post(
-        f"{registered.url}/models", json={"model_name": "sam", "url": str(folder)}, timeout=60
-    )
-    assert reply.status_code == 409
+    reply = registered.client.register("sam", folder, timeout=60)
+    assert reply.status == 409

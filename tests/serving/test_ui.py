@@ -21,7 +21,7 @@ from starlette.testclient import TestClient
 from scripts import client, ui
 from scripts.client import IMAGE_ID, UNKNOWN_IMAGE_ID, EditError, LocalTarget, png_bytes, refused
 from scripts.polling import poll_until
-from scripts.serve import free_ports
+from scripts.torchserve.profile import free_ports
 from tests.servers import Server
 
 CHROMIUM = Path("/usr/bin/chromium")
