@@ -1,6 +1,6 @@
 """`make promote`'s gate, as a pytest plugin: the archives a session served are recorded as
-tested (scripts/promote.py `record_tested`) only when every flow the gate names passed against
-them, and no serving test failed or was left out.
+tested (scripts/sagemaker/gate.py `record_tested`) only when every flow the gate names passed
+against them, and no serving test failed or was left out.
 
 A test proves a flow by its marker, `@pytest.mark.gate("erase")`, not by its name: renaming or
 moving a test keeps the gate, and a flow with no test passing in the session records nothing.
@@ -77,7 +77,7 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     """Every gate flow passed and nothing failed: record the served archives' SHA-256."""
     if exitstatus != 0 or serving_run.store is None or not serving_run.complete():
         return
-    from scripts.promote import record_tested
+    from scripts.sagemaker.gate import record_tested
 
     summary = f"{serving_run.passed} serving tests passed"
     recorded = record_tested(serving_run.store, summary, digests=serving_run.digests)

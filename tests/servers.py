@@ -21,7 +21,7 @@ from scripts.archive import archive_models
 from scripts.examples import write_requests
 from scripts.mme import Backend, extract_tarball, start_torchserve
 from scripts.models import MODELS
-from scripts.promote import served_digests
+from scripts.sagemaker.gate import served_digests
 from scripts.torchserve.client import TorchServeClient, loopback_url, read_token
 from scripts.torchserve.profile import Ports
 from scripts.torchserve.readiness import wait_for_ping, wait_for_token, wait_until_ready

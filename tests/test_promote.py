@@ -14,6 +14,7 @@ import json
 import os
 import re
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import boto3
@@ -23,9 +24,23 @@ from botocore.stub import Stubber
 from PIL import Image
 
 import mmekit_cuda
-from scripts import promote
+from scripts import PROJECT_ROOT, promote
 from scripts.archive import archive_models, read_manifest, write_manifest
 from scripts.models import MODELS
+from scripts.sagemaker.ami import load_ami_table, plan_ami
+from scripts.sagemaker.gate import Artifact, read_artifacts, record_tested
+from scripts.sagemaker.iam import iam_policies
+from scripts.sagemaker.naming import config_name, model_name
+from scripts.sagemaker.promoter import Promoter
+from scripts.sagemaker.s3 import expected_checksums
+from scripts.sagemaker.settings import (
+    SECRET_NAME,
+    Autoscaling,
+    PromoteError,
+    Settings,
+    check_settings,
+    load_settings,
+)
 from tests.conftest import BUCKET, FAKE_SECRET, IMAGE, IMAGE_TAG_URI, ROLE
 
 AMI_12 = "al2-ami-sagemaker-inference-gpu-2"  # driver 535: CUDA 12.x builds
@@ -53,7 +68,7 @@ def store(tiny_archives: Path, tmp_path: Path) -> Path:
     """A copy of the tiny store a test may change, with its tested record beside it."""
     copy = tmp_path / "model_store"
     shutil.copytree(tiny_archives, copy)
-    promote.record_tested(copy, "tests", tmp_path / "tested.json")
+    record_tested(copy, "tests", tmp_path / "tested.json")
     return copy
 
 
@@ -73,10 +88,10 @@ def argv(store: Path, *command: str, **flags: str) -> list[str]:
     )
 
 
-def run_promote(store: Path, *extra: str, **flags: str) -> tuple[int, promote.Promoter]:
+def run_promote(store: Path, *extra: str, **flags: str) -> tuple[int, Promoter]:
     """`run` as main() does it, keeping the Promoter to read its calls back."""
     args = promote.build_parser().parse_args(argv(store, "run", "--allow-tiny", *extra, **flags))
-    settings = promote.load_settings(
+    settings = load_settings(
         args.config,
         overrides={
             "bucket": args.bucket,
@@ -86,7 +101,7 @@ def run_promote(store: Path, *extra: str, **flags: str) -> tuple[int, promote.Pr
             "inference_ami_version": args.inference_ami_version,
         },
     )
-    promoter = promote.Promoter(settings, say=lambda line: None)
+    promoter = Promoter(settings, say=lambda line: None)
     return promote.run(args, settings, promoter), promoter
 
 
@@ -136,7 +151,7 @@ def test_full_promote_then_a_rerun_makes_no_mutating_call(aws, store):
     assert container["Mode"] == "MultiModel"
     assert container["Image"] == record["image"] and "@sha256:" in container["Image"]
     assert container["ModelDataUrl"] == f"s3://{BUCKET}/mmekit/models/"
-    assert not any(promote.SECRET_NAME.search(k) for k in container.get("Environment", {}))
+    assert not any(SECRET_NAME.search(k) for k in container.get("Environment", {}))
     scaling = boto3.client("application-autoscaling", region_name="us-east-1")
     (target,) = scaling.describe_scalable_targets(ServiceNamespace="sagemaker")["ScalableTargets"]
     assert (target["MinCapacity"], target["MaxCapacity"]) == (1, 2)
@@ -159,7 +174,7 @@ def test_a_changed_tarball_gets_a_new_key_and_target_model_and_nothing_else(aws,
         sha256=hashlib.sha256(tarball.read_bytes()).hexdigest(), size=tarball.stat().st_size
     )
     write_manifest(store, manifest)
-    promote.record_tested(store, "tests", store.parent / "tested.json")
+    record_tested(store, "tests", store.parent / "tested.json")
 
     code, rerun = run_promote(store, "--no-smoke")
     assert code == 0 and rerun.mutating_operations == ["PutObject"]
@@ -171,7 +186,7 @@ def test_a_changed_tarball_gets_a_new_key_and_target_model_and_nothing_else(aws,
 
 
 def test_an_object_with_other_bytes_at_the_key_aborts_and_is_left_alone(aws, store, capsys):
-    artifact = next(a for a in promote.read_artifacts(store) if a.model == "sam")
+    artifact = next(a for a in read_artifacts(store) if a.model == "sam")
     squatter = b"not the tested tarball"
     s3 = boto3.client("s3", region_name="us-east-1")
     key = f"mmekit/models/{artifact.target_model}"
@@ -185,17 +200,17 @@ def test_an_object_with_other_bytes_at_the_key_aborts_and_is_left_alone(aws, sto
 
 
 def test_multipart_uploads_are_verified_by_their_composite_checksum(aws, tmp_path, monkeypatch):
-    monkeypatch.setattr(promote, "MULTIPART_THRESHOLD", 5 * 1024 * 1024)
-    monkeypatch.setattr(promote, "PART_SIZE", 5 * 1024 * 1024)
+    monkeypatch.setattr("scripts.sagemaker.s3.MULTIPART_THRESHOLD", 5 * 1024 * 1024)
+    monkeypatch.setattr("scripts.sagemaker.s3.PART_SIZE", 5 * 1024 * 1024)
     path = tmp_path / "sd.tar.gz"
     path.write_bytes(os.urandom(11 * 1024 * 1024))  # three parts
     sha = hashlib.sha256(path.read_bytes()).hexdigest()
-    artifact = promote.Artifact("sd", path, sha, path.stat().st_size, "full")
-    settings = promote.Settings(bucket=BUCKET, role_arn=ROLE)
-    uploader = promote.Promoter(settings, say=lambda line: None)
+    artifact = Artifact("sd", path, sha, path.stat().st_size, "full")
+    settings = Settings(bucket=BUCKET, role_arn=ROLE)
+    uploader = Promoter(settings, say=lambda line: None)
     assert uploader.upload([artifact])[0]["state"] == "uploaded"
     assert "CompleteMultipartUpload" in uploader.mutating_operations
-    again = promote.Promoter(settings, say=lambda line: None)
+    again = Promoter(settings, say=lambda line: None)
     assert again.upload([artifact])[0]["state"] == "present"
     assert again.mutating_operations == []
     assert hashlib.sha256(s3_keys()[artifact.key(settings)]).hexdigest() == sha
@@ -208,7 +223,7 @@ def test_the_gate_refuses_untested_hashes_and_tiny_weights(aws, store, capsys):
     assert "not tested" in err and "make test-handlers" in err and "--force" in err
     assert s3_keys() == {}  # nothing went out
 
-    promote.record_tested(store, "tests", store.parent / "tested.json")
+    record_tested(store, "tests", store.parent / "tested.json")
     assert promote.main(argv(store, "run", "--no-smoke")) == 1
     assert "random-weight archives" in capsys.readouterr().err
 
@@ -267,12 +282,12 @@ def test_dry_run_prints_a_readable_plan_and_creates_no_client(aws, store, capsys
     out = capsys.readouterr().out
     for model in MODELS:
         assert f"would upload {model}.tar.gz" in out
-    settings = promote.load_settings(
+    settings = load_settings(
         overrides={"bucket": BUCKET, "role_arn": ROLE, "instance_type": "ml.g4dn.2xlarge"},
     )
-    model = promote.model_name(settings, IMAGE)
+    model = model_name(settings, IMAGE)
     assert f"would create model {model}" in out
-    config = promote.config_name(settings, model, AMI_13)
+    config = config_name(settings, model, AMI_13)
     assert f"would create endpoint config {config}" in out
     assert f"inference AMI: {AMI_13}" in out and "needs driver >= 580" in out
     assert "between 1 and 2 instances" in out and "would write promotion.json" in out
@@ -315,52 +330,48 @@ def test_settings_come_from_the_file_then_the_environment_then_flags(tmp_path):
     config = tmp_path / "promote.yaml"
     config.write_text("bucket: from-file\nprefix: /p/\ninstance_count: 1\n")
     environ = {"MMEKIT_BUCKET": "from-env", "MMEKIT_INSTANCE_COUNT": "3", "AWS_REGION": "eu-west-1"}
-    settings = promote.load_settings(config, environ, {"instance_count": 2, "bucket": None})
+    settings = load_settings(config, environ, {"instance_count": 2, "bucket": None})
     assert settings.bucket == "from-env" and settings.instance_count == 2
     assert settings.prefix == "p" and settings.region == "eu-west-1"
     assert settings.model_data_url == "s3://from-env/p/"
 
 
 def test_missing_or_bad_settings_are_one_line_each(tmp_path):
-    with pytest.raises(promote.PromoteError, match="MMEKIT_BUCKET"):
-        promote.check_settings(promote.Settings(role_arn=ROLE))
-    with pytest.raises(promote.PromoteError, match="looks like a secret"):
-        promote.check_settings(
-            promote.Settings(
-                bucket=BUCKET, role_arn=ROLE, container_environment={"HF_TOKEN": "abc"}
-            )
+    with pytest.raises(PromoteError, match="MMEKIT_BUCKET"):
+        check_settings(Settings(role_arn=ROLE))
+    with pytest.raises(PromoteError, match="looks like a secret"):
+        check_settings(
+            Settings(bucket=BUCKET, role_arn=ROLE, container_environment={"HF_TOKEN": "abc"})
         )
-    with pytest.raises(promote.PromoteError, match="looks like a secret"):
-        promote.check_settings(
-            promote.Settings(
+    with pytest.raises(PromoteError, match="looks like a secret"):
+        check_settings(
+            Settings(
                 bucket=BUCKET, role_arn=ROLE, container_environment={"X": "AKIAABCDEFGHIJKLMNOP"}
             )
         )
     config = tmp_path / "promote.yaml"
     config.write_text("buckett: typo\n")
-    with pytest.raises(promote.PromoteError, match="unknown settings buckett"):
-        promote.load_settings(config, {})
+    with pytest.raises(PromoteError, match="unknown settings buckett"):
+        load_settings(config, {})
 
 
 def test_names_follow_the_content_and_change_with_it():
-    settings = promote.Settings(bucket=BUCKET, role_arn=ROLE)
-    model = promote.model_name(settings, IMAGE)
-    assert model == promote.model_name(settings, IMAGE)
-    assert model != promote.model_name(settings, IMAGE.replace("ab", "cd"))
-    bigger = promote.Settings(bucket=BUCKET, role_arn=ROLE, instance_count=2)
-    assert promote.config_name(settings, model, AMI_13) != promote.config_name(
-        bigger, model, AMI_13
-    )
-    assert promote.config_name(settings, model, AMI_13) != promote.config_name(
+    settings = Settings(bucket=BUCKET, role_arn=ROLE)
+    model = model_name(settings, IMAGE)
+    assert model == model_name(settings, IMAGE)
+    assert model != model_name(settings, IMAGE.replace("ab", "cd"))
+    bigger = Settings(bucket=BUCKET, role_arn=ROLE, instance_count=2)
+    assert config_name(settings, model, AMI_13) != config_name(bigger, model, AMI_13)
+    assert config_name(settings, model, AMI_13) != config_name(
         settings, model, AMI_12
     )  # another driver, another config
-    long = promote.Settings(endpoint_name="e" * 47)
-    assert len(promote.config_name(long, model, AMI_13)) <= 63
+    long = Settings(endpoint_name="e" * 47)
+    assert len(config_name(long, model, AMI_13)) <= 63
 
 
 def test_iam_policies_are_scoped_and_pass_role_is_conditioned():
-    settings = promote.Settings(bucket=BUCKET, role_arn=ROLE, prefix="mmekit/models")
-    policies = promote.iam_policies(settings)
+    settings = Settings(bucket=BUCKET, role_arn=ROLE, prefix="mmekit/models")
+    policies = iam_policies(settings)
     role_statements = {s["Sid"]: s for s in policies["execution_role"]["Statement"]}
     assert role_statements["ReadModels"] == {
         "Sid": "ReadModels",
@@ -396,7 +407,7 @@ MODEL_ARN = "arn:aws:sagemaker:us-east-1:123456789012:model/m"
 POLICY_ARN = "arn:aws:autoscaling:us-east-1:123456789012:scalingPolicy:x"
 
 
-def stubbed(settings: promote.Settings) -> tuple[promote.Promoter, Stubber, Stubber]:
+def stubbed(settings: Settings) -> tuple[Promoter, Stubber, Stubber]:
     clients = {
         service: boto3.client(
             service, region_name="us-east-1", aws_access_key_id="x", aws_secret_access_key="y"
@@ -406,7 +417,7 @@ def stubbed(settings: promote.Settings) -> tuple[promote.Promoter, Stubber, Stub
     stubs = {service: Stubber(client) for service, client in clients.items()}
     for stub in stubs.values():
         stub.activate()
-    promoter = promote.Promoter(
+    promoter = Promoter(
         settings, client_factory=clients.__getitem__, say=lambda line: None, sleep=lambda s: None
     )
     return promoter, stubs["sagemaker"], stubs["application-autoscaling"]
@@ -437,10 +448,10 @@ def config_reply(name: str, instance_type: str) -> dict:
     }
 
 
-def up_to_update(sm: Stubber, settings: promote.Settings, old_type: str = "ml.g5.2xlarge") -> str:
+def up_to_update(sm: Stubber, settings: Settings, old_type: str = "ml.g5.2xlarge") -> str:
     """The calls before UpdateEndpoint: model and config exist, the endpoint serves OLD_CONFIG."""
-    model = promote.model_name(settings, IMAGE)
-    config = promote.config_name(settings, model, AMI_13)
+    model = model_name(settings, IMAGE)
+    config = config_name(settings, model, AMI_13)
     sm.add_response(
         "describe_model",
         {"ModelName": model, "ModelArn": "arn:aws:sagemaker:us-east-1:1:model/m",
@@ -463,7 +474,7 @@ def up_to_update(sm: Stubber, settings: promote.Settings, old_type: str = "ml.g5
     return config
 
 
-SETTINGS = promote.Settings(bucket=BUCKET, role_arn=ROLE, poll_s=0, wait_timeout_s=60)
+SETTINGS = Settings(bucket=BUCKET, role_arn=ROLE, poll_s=0, wait_timeout_s=60)
 
 
 def test_update_moves_the_endpoint_to_the_new_config():
@@ -489,7 +500,7 @@ def test_a_silent_rollback_fails_the_promotion():
     sm.add_response("describe_endpoint", endpoint("Updating", OLD_CONFIG))
     sm.add_response("describe_endpoint", endpoint("RollingBack", OLD_CONFIG))
     sm.add_response("describe_endpoint", endpoint("InService", OLD_CONFIG))
-    with pytest.raises(promote.PromoteError, match="rolled back") as raised:
+    with pytest.raises(PromoteError, match="rolled back") as raised:
         promoter.ensure_endpoint(IMAGE, AMI_13)
     assert OLD_CONFIG in str(raised.value) and config in str(raised.value)
 
@@ -500,7 +511,7 @@ def test_a_failed_update_fails_fast_with_the_reason(status):
     up_to_update(sm, SETTINGS)
     sm.add_response("update_endpoint", {"EndpointArn": ENDPOINT_ARN})
     sm.add_response("describe_endpoint", endpoint(status, OLD_CONFIG, "CUDA out of memory"))
-    with pytest.raises(promote.PromoteError, match=f"{status}: CUDA out of memory"):
+    with pytest.raises(PromoteError, match=f"{status}: CUDA out of memory"):
         promoter.ensure_endpoint(IMAGE, AMI_13)
     sm.assert_no_pending_responses()  # no further polling
 
@@ -530,9 +541,7 @@ def test_throttling_that_outlasts_retries_is_one_line(capsys, monkeypatch):
 
 
 def test_an_instance_type_change_releases_autoscaling_before_the_update():
-    settings = promote.Settings(
-        bucket=BUCKET, role_arn=ROLE, poll_s=0, instance_type="ml.g5.4xlarge"
-    )
+    settings = Settings(bucket=BUCKET, role_arn=ROLE, poll_s=0, instance_type="ml.g5.4xlarge")
     promoter, sm, scaling = stubbed(settings)
     config = up_to_update(sm, settings, old_type="ml.g5.2xlarge")
     resource = settings.scaling_resource_id
@@ -563,15 +572,15 @@ def test_an_instance_type_change_releases_autoscaling_before_the_update():
 
 def test_a_failed_endpoint_is_reported_not_updated():
     promoter, sm, _ = stubbed(SETTINGS)
-    model = promote.model_name(SETTINGS, IMAGE)
-    config = promote.config_name(SETTINGS, model, AMI_13)
+    model = model_name(SETTINGS, IMAGE)
+    config = config_name(SETTINGS, model, AMI_13)
     sm.add_response(
         "describe_model",
         {"ModelName": model, "ModelArn": MODEL_ARN, "CreationTime": "2026-11-26T00:00:00Z"},
     )
     sm.add_response("describe_endpoint_config", config_reply(config, "ml.g5.2xlarge"))
     sm.add_response("describe_endpoint", endpoint("Failed", OLD_CONFIG, "image not found"))
-    with pytest.raises(promote.PromoteError, match="image not found.*make teardown"):
+    with pytest.raises(PromoteError, match="image not found.*make teardown"):
         promoter.ensure_endpoint(IMAGE, AMI_13)
     assert promoter.mutating_operations == []
 
@@ -580,7 +589,7 @@ def test_expected_checksums_match_what_s3_reports(tmp_path, monkeypatch):
     path = tmp_path / "small.tar.gz"
     path.write_bytes(b"x" * 1000)
     digest = hashlib.sha256(b"x" * 1000)
-    assert promote.expected_checksums(path, digest.hexdigest()) == {
+    assert expected_checksums(path, digest.hexdigest()) == {
         base64.b64encode(digest.digest()).decode()
     }
 
@@ -588,22 +597,20 @@ def test_expected_checksums_match_what_s3_reports(tmp_path, monkeypatch):
 @pytest.mark.parametrize("status", ["UpdateRollbackFailed", "OutOfService"])
 def test_an_endpoint_that_is_not_in_service_is_never_taken_as_up_to_date(status):
     promoter, sm, _ = stubbed(SETTINGS)
-    model = promote.model_name(SETTINGS, IMAGE)
-    config = promote.config_name(SETTINGS, model, AMI_13)
+    model = model_name(SETTINGS, IMAGE)
+    config = config_name(SETTINGS, model, AMI_13)
     sm.add_response(
         "describe_model", {"ModelName": model, "ModelArn": MODEL_ARN, "CreationTime": "2026-11-26"}
     )
     sm.add_response("describe_endpoint_config", config_reply(config, "ml.g5.2xlarge"))
     sm.add_response("describe_endpoint", endpoint(status, config, "driver mismatch"))
-    with pytest.raises(promote.PromoteError, match=f"{status} .driver mismatch"):
+    with pytest.raises(PromoteError, match=f"{status} .driver mismatch"):
         promoter.ensure_endpoint(IMAGE, AMI_13)
     assert promoter.mutating_operations == []
 
 
 def test_a_failed_instance_type_change_gives_the_old_config_its_autoscaling_back():
-    settings = promote.Settings(
-        bucket=BUCKET, role_arn=ROLE, poll_s=0, instance_type="ml.g5.4xlarge"
-    )
+    settings = Settings(bucket=BUCKET, role_arn=ROLE, poll_s=0, instance_type="ml.g5.4xlarge")
     promoter, sm, scaling = stubbed(settings)
     up_to_update(sm, settings, old_type="ml.g5.2xlarge")
     resource = settings.scaling_resource_id
@@ -620,7 +627,7 @@ def test_a_failed_instance_type_change_gives_the_old_config_its_autoscaling_back
     scaling.add_response("register_scalable_target", {})
     scaling.add_response("describe_scaling_policies", {"ScalingPolicies": []})
     scaling.add_response("put_scaling_policy", {"PolicyARN": POLICY_ARN, "Alarms": []})
-    with pytest.raises(promote.PromoteError, match="capacity"):
+    with pytest.raises(PromoteError, match="capacity"):
         promoter.ensure_endpoint(IMAGE, AMI_13)
     assert promoter.mutating_operations[-2:] == ["RegisterScalableTarget", "PutScalingPolicy"]
     scaling.assert_no_pending_responses()
@@ -628,9 +635,9 @@ def test_a_failed_instance_type_change_gives_the_old_config_its_autoscaling_back
 
 def test_disabling_autoscaling_deregisters_the_variant(aws, store, tmp_path):
     assert run_promote(store, "--no-smoke")[0] == 0
-    settings = promote.load_settings(overrides={"bucket": BUCKET, "role_arn": ROLE})
-    disabled = promote.replace(settings, autoscaling=promote.Autoscaling(enabled=False))
-    promoter = promote.Promoter(disabled, say=lambda line: None)
+    settings = load_settings(overrides={"bucket": BUCKET, "role_arn": ROLE})
+    disabled = replace(settings, autoscaling=Autoscaling(enabled=False))
+    promoter = Promoter(disabled, say=lambda line: None)
     assert promoter.scale() == {"enabled": False}
     assert "DeregisterScalableTarget" in promoter.mutating_operations
     scaling = boto3.client("application-autoscaling", region_name="us-east-1")
@@ -670,7 +677,7 @@ def test_the_ami_table_agrees_with_botocore():
             text,
         )
     }
-    table = promote.load_ami_table()
+    table = load_ami_table()
     assert {ami.name for ami in table} <= set(shape.enum)
     for ami in table:
         assert documented[ami.name] == (ami.driver, ami.cuda), ami.name
@@ -680,11 +687,11 @@ def test_the_ami_table_agrees_with_botocore():
     assert set(gpu2.instance_families) == {"g4dn", "g5", "g6", "p3", "p4d", "p4de", "p5"}
 
 
-def fresh_endpoint_calls(sm: Stubber, settings: promote.Settings, ami: str) -> None:
+def fresh_endpoint_calls(sm: Stubber, settings: Settings, ami: str) -> None:
     """No model, config or endpoint yet: create all three; CreateEndpointConfig must carry
     `ami` as the variant's InferenceAmiVersion."""
-    model = promote.model_name(settings, IMAGE)
-    config = promote.config_name(settings, model, ami)
+    model = model_name(settings, IMAGE)
+    config = config_name(settings, model, ami)
     missing = ("ValidationException", "Could not find it", 400)
     sm.add_client_error("describe_model", *missing)
     sm.add_response("create_model", {"ModelArn": MODEL_ARN})
@@ -724,8 +731,8 @@ def fresh_endpoint_calls(sm: Stubber, settings: promote.Settings, ami: str) -> N
     ],
 )
 def test_create_endpoint_config_carries_the_ami_for_the_images_cuda(cuda, instance_type, expected):
-    settings = promote.replace(SETTINGS, instance_type=instance_type, image_cuda=cuda)
-    choice = promote.plan_ami(settings, IMAGE)
+    settings = replace(SETTINGS, instance_type=instance_type, image_cuda=cuda)
+    choice = plan_ami(settings, IMAGE)
     assert choice.ami.name == expected
     assert f"CUDA {cuda}" in choice.reason and f"driver >= {mmekit_cuda.min_driver(cuda)}" in (
         choice.reason
@@ -738,13 +745,13 @@ def test_create_endpoint_config_carries_the_ami_for_the_images_cuda(cuda, instan
 
 
 def test_changing_the_ami_makes_a_new_config_and_an_update_endpoint():
-    old_settings = promote.replace(SETTINGS, image_cuda="13.0")
-    model = promote.model_name(SETTINGS, IMAGE)
-    serving = promote.config_name(old_settings, model, AMI_13)
-    new_settings = promote.replace(SETTINGS, image_cuda="12.6")  # rebuilt with a cu126 torch
-    choice = promote.plan_ami(new_settings, IMAGE)
+    old_settings = replace(SETTINGS, image_cuda="13.0")
+    model = model_name(SETTINGS, IMAGE)
+    serving = config_name(old_settings, model, AMI_13)
+    new_settings = replace(SETTINGS, image_cuda="12.6")  # rebuilt with a cu126 torch
+    choice = plan_ami(new_settings, IMAGE)
     assert choice.ami.name == AMI_12
-    config = promote.config_name(new_settings, model, AMI_12)
+    config = config_name(new_settings, model, AMI_12)
     assert config != serving
     promoter, sm, _ = stubbed(new_settings)
     sm.add_response(
@@ -858,8 +865,8 @@ def test_dry_run_says_what_would_stop_a_mismatch(aws, store, capsys, monkeypatch
 def test_image_cuda_in_yaml_must_be_quoted(tmp_path):
     config = tmp_path / "promote.yaml"
     config.write_text("image_cuda: 12.10\n")  # YAML: the float 12.1
-    with pytest.raises(promote.PromoteError, match="quoted string"):
-        promote.load_settings(config, {})
+    with pytest.raises(PromoteError, match="quoted string"):
+        load_settings(config, {})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -872,7 +879,7 @@ def png() -> str:
     return base64.b64encode(buffer.getvalue()).decode()
 
 
-def smoke_promoter(devices: dict[str, str | None]) -> tuple[promote.Promoter, list]:
+def smoke_promoter(devices: dict[str, str | None]) -> tuple[Promoter, list]:
     runtime = boto3.client(
         "sagemaker-runtime",
         region_name="us-east-1",
@@ -890,9 +897,9 @@ def smoke_promoter(devices: dict[str, str | None]) -> tuple[promote.Promoter, li
             "invoke_endpoint",
             {"Body": StreamingBody(io.BytesIO(data), len(data)), "ContentType": "application/json"},
         )
-        artifacts.append(promote.Artifact(model, Path(f"{model}.tar.gz"), "ab" * 32, 1, "full"))
+        artifacts.append(Artifact(model, Path(f"{model}.tar.gz"), "ab" * 32, 1, "full"))
     stub.activate()
-    promoter = promote.Promoter(SETTINGS, client_factory=lambda s: runtime, say=lambda line: None)
+    promoter = Promoter(SETTINGS, client_factory=lambda s: runtime, say=lambda line: None)
     return promoter, artifacts
 
 
@@ -906,7 +913,7 @@ def test_smoke_passes_when_every_model_runs_on_cuda():
 
 def test_smoke_fails_when_a_model_runs_on_the_cpu():
     promoter, artifacts = smoke_promoter({"sam": "cuda:0", "lama": "cpu", "sd": "cuda:0"})
-    with pytest.raises(promote.PromoteError, match="not on the GPU") as raised:
+    with pytest.raises(PromoteError, match="not on the GPU") as raised:
         promoter.smoke(artifacts, SMOKE_REQUESTS)
     message = str(raised.value)
     assert f"lama-{'ab' * 6}.tar.gz on cpu" in message and "sam-" not in message
@@ -914,7 +921,7 @@ def test_smoke_fails_when_a_model_runs_on_the_cpu():
 
 def test_smoke_fails_when_a_model_does_not_say_its_device():
     promoter, artifacts = smoke_promoter({"sam": "cuda:0", "lama": None, "sd": "cuda:0"})
-    with pytest.raises(promote.PromoteError, match="did not report its device"):
+    with pytest.raises(PromoteError, match="did not report its device"):
         promoter.smoke(artifacts, SMOKE_REQUESTS)
 
 
@@ -922,11 +929,11 @@ def test_smoke_fails_when_a_model_does_not_say_its_device():
 def test_every_g5_size_gets_the_ami_the_readme_says(cuda, expected):
     import yaml
 
-    table = yaml.safe_load((promote.PROJECT_ROOT / "configs" / "instances.yaml").read_text())
+    table = yaml.safe_load((PROJECT_ROOT / "configs" / "instances.yaml").read_text())
     sizes = [name for name in table["instances"] if name.startswith("ml.g5.")]
     assert len(sizes) >= 6
     for size in sizes:
-        settings = promote.replace(SETTINGS, instance_type=size, image_cuda=cuda)
-        assert promote.plan_ami(settings, None).ami.name == expected, size
-    readme = (promote.PROJECT_ROOT / "README.md").read_text()
+        settings = replace(SETTINGS, instance_type=size, image_cuda=cuda)
+        assert plan_ami(settings, None).ami.name == expected, size
+    readme = (PROJECT_ROOT / "README.md").read_text()
     assert f"`{expected}`" in readme

@@ -35,8 +35,10 @@ from safetensors.torch import load_file
 from safetensors.torch import save as save_safetensors
 
 import mmekit_models
-from scripts import lama_checkpoint, promote, weights
+from scripts import lama_checkpoint, weights
 from scripts.archive import GZIP_LEVEL, archive_inputs, archive_models, read_manifest
+from scripts.sagemaker.gate import Artifact, gate, read_artifacts
+from scripts.sagemaker.settings import PromoteError
 from scripts.weights import sha256_of
 from tests.servers import extract_like_sagemaker
 
@@ -441,8 +443,8 @@ def test_a_flipped_data_byte_passes_the_loader_and_is_caught_by_the_digests(
     for where in (len(good) // 2, 3 * len(good) // 4):
         tarball.write_bytes(flipped(good, where))
         faults += 1
-        with pytest.raises(promote.PromoteError, match="changed since `make archive`"):
-            promote.read_artifacts(store, ("sam",))
+        with pytest.raises(PromoteError, match="changed since `make archive`"):
+            read_artifacts(store, ("sam",))
         with pytest.raises(gzip.BadGzipFile, match="CRC check failed"):
             gzip.decompress(tarball.read_bytes())
         if shutil.which("tar"):
@@ -456,9 +458,9 @@ def test_a_flipped_data_byte_passes_the_loader_and_is_caught_by_the_digests(
     assert corrupted_inputs.fingerprint(GZIP_LEVEL) != inputs.fingerprint(GZIP_LEVEL)
     record = tmp_path / "tested.json"
     record.write_text(json.dumps({"tarballs": {entry["sha256"]: {"model": "sam"}}}))
-    rebuilt = promote.Artifact("sam", tarball, sha256_of(tarball), len(good), "tiny")
-    with pytest.raises(promote.PromoteError, match="not tested"):
-        promote.gate([rebuilt], record=record, allow_tiny=True, say=lambda line: None)
+    rebuilt = Artifact("sam", tarball, sha256_of(tarball), len(good), "tiny")
+    with pytest.raises(PromoteError, match="not tested"):
+        gate([rebuilt], record=record, allow_tiny=True, say=lambda line: None)
     figures.add(faults_injected=faults)
 
 

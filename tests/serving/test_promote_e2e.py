@@ -11,6 +11,7 @@ from pathlib import Path
 
 from scripts import promote
 from scripts.mme import Backend, S3Source, make_s3_client
+from scripts.sagemaker.gate import record_tested
 from tests.conftest import BUCKET, ROLE
 from tests.serving import test_mme
 from tests.serving.test_mme import ENDPOINT, make_endpoint, serve_endpoint
@@ -22,7 +23,7 @@ def test_promoted_models_answer_through_the_emulator_from_s3(
     aws: str, backend: Backend, served_store: Path, tmp_path: Path, monkeypatch, capsys
 ):
     record = tmp_path / "tested.json"
-    promote.record_tested(served_store, "tests", record)
+    record_tested(served_store, "tests", record)
     prefix = "promoted/models"
     source = S3Source(f"s3://{BUCKET}/{prefix}", lambda: make_s3_client(aws))
     endpoint = make_endpoint(backend, source, tmp_path / "downloads")
