@@ -30,7 +30,7 @@ dev: ## the inner loop: serve, and hot-swap a model when its handler or config c
 	@$(SETUP) && $(VENV_PY) -m scripts.dev
 
 serve-mme: ## a local SageMaker multi-model endpoint for boto3 (MME_PORT=8090, MME_SOURCE=s3://..., MME_BACKEND=container)
-	@$(SETUP) && $(VENV_PY) -m scripts.mme
+	@$(SETUP) && $(VENV_PY) -m scripts.sagemaker.emulator
 
 image: ## build the serving image, tagged mmekit:<git sha>: size, time, torch's CUDA (podman where no Docker)
 	@$(SETUP) && $(VENV_PY) -m scripts.image build

@@ -381,7 +381,8 @@ def bench_cold(
 ) -> dict:
     """Medians over `repeats`, levels in a rotated order each time, after one untimed load (the
     first load of a fresh server also pays for its page cache and its first worker)."""
-    from scripts.mme import Endpoint, LocalSource
+    from scripts.sagemaker.emulator import Endpoint
+    from scripts.sagemaker.sources import LocalSource
 
     bodies = {m: json.dumps(r).encode() for m, r in example_requests(sd_steps=1).items()}
     stores = {}

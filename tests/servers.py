@@ -19,8 +19,9 @@ import pytest
 
 from scripts.archive import archive_models
 from scripts.examples import write_requests
-from scripts.mme import Backend, extract_tarball, start_torchserve
 from scripts.models import MODELS
+from scripts.sagemaker.backends import Backend, start_torchserve
+from scripts.sagemaker.emulator import extract_tarball
 from scripts.sagemaker.gate import served_digests
 from scripts.torchserve.client import TorchServeClient, loopback_url, read_token
 from scripts.torchserve.profile import Ports

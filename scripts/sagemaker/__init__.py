@@ -1,5 +1,5 @@
 """SageMaker in its own room: `make promote`'s steps, one module each (the command line is
-scripts/promote.py).
+scripts/promote.py), and the local multi-model endpoint they are tested against.
 
 settings   configs/promote.yaml, MMEKIT_<KEY> and flags; the files; PromoteError
 gate       the manifest's tarballs, re-hashed, and the record of those the tests passed
@@ -15,4 +15,5 @@ promotion  the --dry-run plan and promotion.json
 teardown   the endpoint's models (`make models`) and `make teardown`
 iam        the least-privilege IAM policies, rendered from iam/*.json (`make iam-policy`)
 debug      --debug: botocore's log of every call, credentials redacted
+emulator   `make serve-mme`: the SageMaker runtime API on loopback, before a real TorchServe
 """

@@ -105,8 +105,8 @@ Token = str | None | OwnKey
 
 class TorchServeClient:
     """TorchServe's inference and management APIs. One port and no key in SageMaker's own
-    profile; in the emulator's (`mme`, scripts/mme.py start_torchserve), `make dev`'s and the
-    `local` profile two ports and a key on each."""
+    profile; in the emulator's (`mme`, scripts/sagemaker/backends.py start_torchserve), `make
+    dev`'s and the `local` profile two ports and a key on each."""
 
     def __init__(
         self,

@@ -19,7 +19,7 @@ PROFILES = {
     "local": "local.properties",
     "sagemaker": "sagemaker.properties",
     "dev": "dev.properties",  # make dev only (scripts/dev.py): the model API on
-    "mme": "sagemaker.properties",  # make serve-mme only (scripts/mme.py): with PROFILE_CHANGES
+    "mme": "sagemaker.properties",  # make serve-mme only (scripts/sagemaker/): with PROFILE_CHANGES
 }
 # `make serve-mme` runs SageMaker's profile on a machine where any local process can reach
 # loopback. TorchServe 0.12 registers a plain path from anywhere (allowed_urls checks URLs only)

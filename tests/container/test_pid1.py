@@ -9,7 +9,11 @@ import time
 import pytest
 
 from scripts.examples import requests as example_requests
-from scripts.mme import CONTAINER_MODELS_DIR, CONTAINER_STOP_TIMEOUT_S, start_container
+from scripts.sagemaker.backends import (
+    CONTAINER_MODELS_DIR,
+    CONTAINER_STOP_TIMEOUT_S,
+    start_container,
+)
 from tests.container.conftest import processes, timed
 from tests.servers import extract_like_sagemaker
 

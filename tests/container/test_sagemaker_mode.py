@@ -11,15 +11,9 @@ from collections.abc import Iterator
 
 import pytest
 
-from scripts.mme import (
-    CONTAINER_MODELS_DIR,
-    MAX_BODY_BYTES,
-    ContainerBackend,
-    Endpoint,
-    LocalSource,
-    model_name,
-    start_container,
-)
+from scripts.sagemaker.backends import CONTAINER_MODELS_DIR, ContainerBackend, start_container
+from scripts.sagemaker.emulator import MAX_BODY_BYTES, Endpoint, model_name
+from scripts.sagemaker.sources import LocalSource
 from tests.container.conftest import timed
 from tests.serving.test_mme import ENDPOINT, Emulator, requests_by_target, serve_endpoint
 

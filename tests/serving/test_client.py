@@ -16,7 +16,7 @@ from PIL import Image, ImageChops, ImageFilter
 
 from scripts import client
 from scripts.examples import BALL_CENTRE, ball_mask, scene
-from scripts.mme import LocalSource
+from scripts.sagemaker.sources import LocalSource
 from scripts.torchserve.profile import free_ports
 from tests.servers import Server, emulator_backend
 from tests.serving.test_mme import Emulator, make_endpoint, serve_endpoint

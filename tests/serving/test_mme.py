@@ -24,18 +24,11 @@ from botocore.exceptions import BotoCoreError, ClientError
 
 from scripts import PROJECT_ROOT
 from scripts.examples import requests as example_requests
-from scripts.mme import (
-    MAX_BODY_BYTES,
-    Backend,
-    Endpoint,
-    LocalSource,
-    S3Source,
-    create_app,
-    make_s3_client,
-    model_name,
-)
 from scripts.models import MODELS
 from scripts.polling import poll_until
+from scripts.sagemaker.backends import Backend
+from scripts.sagemaker.emulator import MAX_BODY_BYTES, Endpoint, create_app, model_name
+from scripts.sagemaker.sources import LocalSource, S3Source, make_s3_client
 from scripts.torchserve.client import Reply, TorchServeClient, loopback_url
 from scripts.torchserve.profile import free_ports
 from tests.servers import Server, emulator_backend
@@ -398,8 +391,8 @@ def test_make_serve_mme_never_answers_an_early_invocation_with_a_500(
     url = f"http://127.0.0.1:{port}"
     log_path = tmp_path / "mme.log"
     command = [
-        sys.executable, "-m", "scripts.mme", "--source", str(served_store), "--port", str(port),
-        "--root", str(tmp_path / "mme"), "--endpoint-name", ENDPOINT,
+        sys.executable, "-m", "scripts.sagemaker.emulator", "--source", str(served_store),
+        "--port", str(port), "--root", str(tmp_path / "mme"), "--endpoint-name", ENDPOINT,
     ]  # fmt: skip
     with open(log_path, "wb") as log:
         process = subprocess.Popen(command, cwd=PROJECT_ROOT, stdout=log, stderr=subprocess.STDOUT)

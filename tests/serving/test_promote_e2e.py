@@ -10,8 +10,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from scripts import promote
-from scripts.mme import Backend, S3Source, make_s3_client
+from scripts.sagemaker.backends import Backend
 from scripts.sagemaker.gate import record_tested
+from scripts.sagemaker.sources import S3Source, make_s3_client
 from tests.conftest import BUCKET, ROLE
 from tests.serving import test_mme
 from tests.serving.test_mme import ENDPOINT, make_endpoint, serve_endpoint

@@ -14,7 +14,7 @@ read, so only the emulator can register a model. It keeps SageMaker's limits and
 least-recently-used models past a memory budget or on a 507, and exposes MME-style metrics in
 Prometheus text at `/metrics`.
 
-    python -m scripts.mme [--source model_store | s3://bucket/prefix] [--port 8090]
+    python -m scripts.sagemaker.emulator [--source model_store | s3://bucket/prefix] [--port 8090]
                           [--backend native|container] [--image TAG]
 
 `--backend container` (MME_BACKEND=container) puts the serving image behind the emulator
@@ -30,19 +30,17 @@ import logging
 import os
 import shutil
 import signal
-import subprocess
 import sys
 import tarfile
 import threading
 import time
 import uuid
 from collections import OrderedDict
-from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import IO, TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any
 
 import requests
 from mmekit_limits import SAGEMAKER_PAYLOAD_BYTES
@@ -50,13 +48,22 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Summary, genera
 
 from scripts import PROJECT_ROOT
 from scripts.polling import PollTimeout, poll_until
+from scripts.sagemaker.backends import (
+    CONTAINER_MODELS_DIR,
+    READY_POLL_S,
+    Backend,
+    ContainerBackend,
+    start_container,
+    start_torchserve,
+)
+from scripts.sagemaker.sources import REGION, LocalSource, ModelNotFound, S3Source, make_s3_client
 from scripts.torchserve import ServeError
-from scripts.torchserve.client import Reply, TorchServeClient, loopback_url
-from scripts.torchserve.profile import Ports, check_port_free, free_ports, render_profile
-from scripts.torchserve.readiness import accepts_calls, wait_until
+from scripts.torchserve.client import Reply, TorchServeClient
+from scripts.torchserve.profile import check_port_free
+from scripts.torchserve.readiness import accepts_calls
 
 if TYPE_CHECKING:
-    from scripts.torchserve.runtime import NativeRuntime
+    pass
 
 logger = logging.getLogger("mmekit.mme")
 
@@ -64,10 +71,7 @@ MAX_BODY_BYTES = SAGEMAKER_PAYLOAD_BYTES  # InvokeEndpoint's request and respons
 INVOCATION_TIMEOUT_S = 60.0  # SageMaker waits this long for the container's answer
 NOT_READY_AFTER_S = 60.0  # a model still loading then: ModelNotReadyException, load goes on
 LOAD_TIMEOUT_S = 360.0  # how long a load may go on at all
-READY_POLL_S = 0.2  # how often an invocation that arrived early looks at TorchServe again
-CONTAINER_POLL_S = 0.5  # each look at a container is a docker API call
 ACCOUNT = "000000000000"
-REGION = "us-east-1"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -118,183 +122,6 @@ TIMEOUT_MESSAGE = (
     "Your invocation timed out while waiting for a response from container primary. Review the "
     "latency metrics for each container in Amazon CloudWatch, resolve the issue, and try again."
 )
-
-
-# ---------------------------------------------------------------------------------------------
-# Where tarballs come from
-
-
-class ModelNotFound(Exception):
-    pass
-
-
-class LocalSource:
-    def __init__(self, folder: Path) -> None:
-        self.folder = Path(folder).resolve()
-        self.uri = str(self.folder)
-
-    def fetch(self, target: str, destination: Path) -> None:
-        source = self.folder / target
-        if not source.is_file():
-            raise ModelNotFound(target)
-        shutil.copyfile(source, destination)
-
-
-class S3Source:
-    """s3://bucket/prefix, read with boto3 (so a local S3 such as a moto server works too)."""
-
-    def __init__(self, uri: str, client_factory: Callable[[], Any]) -> None:
-        bucket, _, prefix = uri.removeprefix("s3://").partition("/")
-        self.uri, self.bucket, self.prefix = uri, bucket, prefix.strip("/")
-        self.client_factory = client_factory
-
-    def fetch(self, target: str, destination: Path) -> None:
-        from botocore.exceptions import ClientError
-
-        key = f"{self.prefix}/{target}" if self.prefix else target
-        try:
-            self.client_factory().download_file(self.bucket, key, str(destination))
-        except ClientError as error:
-            if error.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "403"):
-                raise ModelNotFound(target) from None
-            raise
-
-
-def make_s3_client(endpoint_url: str | None = None, region: str | None = None) -> Any:
-    """The emulator's S3 client, from the project's one seam (tests point it at moto)."""
-    from scripts.aws import make_client
-
-    return make_client("s3", region or REGION, endpoint_url=endpoint_url)
-
-
-# ---------------------------------------------------------------------------------------------
-# The TorchServe behind the emulator, called as SageMaker's agent calls it
-# (scripts/torchserve/client.py: TorchServeClient)
-
-
-@dataclass
-class Backend:
-    """The TorchServe behind the emulator, as start_torchserve started it."""
-
-    runtime: NativeRuntime
-    process: subprocess.Popen
-    ports: Ports
-    models_dir: Path  # SageMaker's /opt/ml/models: TorchServe's model store
-    client: TorchServeClient
-
-    def wait_until_accepting(self, timeout: float = 120.0) -> None:
-        """Until TorchServe takes calls with its keys (what the emulator's /ping looks for)."""
-        wait_until(
-            lambda: accepts_calls(self.client, management=True),
-            "TorchServe to accept calls",
-            timeout,
-            READY_POLL_S,
-            self.process,
-        )
-
-    def stop(self) -> None:
-        from scripts.torchserve.runtime import shut_down
-
-        shut_down(self.runtime, self.process)
-
-
-def start_torchserve(root: Path, log: IO[bytes] | None = None) -> Backend:
-    """TorchServe as `make serve-mme` runs it, not waited for: the `mme` profile (SageMaker's,
-    with a key on every API: scripts/torchserve/profile.py PROFILE_CHANGES) on free loopback
-    ports, with <root>/opt/ml/models as its store and <root>/torchserve, owner only, as its run
-    folder."""
-    from scripts.torchserve.runtime import NativeRuntime  # imports yaml: only when started
-
-    ports = Ports(*free_ports(5))  # internal: any free loopback ports will do
-    run_dir = root / "torchserve"
-    models_dir = root / "opt" / "ml" / "models"
-    models_dir.mkdir(parents=True, exist_ok=True)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    config = run_dir / "config.properties"
-    config.write_text(render_profile("mme", ports, models_dir))
-    runtime = NativeRuntime(run_dir, models_dir)
-    (runtime.key_dir / "key_file.json").unlink(missing_ok=True)  # no stale keys are read
-    process = runtime.start(config, [], foreground=True, log=log)
-    client = TorchServeClient(
-        loopback_url(ports.inference), loopback_url(ports.management), key_dir=runtime.key_dir
-    )
-    return Backend(runtime, process, ports, models_dir, client)
-
-
-CONTAINER_MODELS_DIR = PurePosixPath("/opt/ml/models")  # where SageMaker mounts the models
-CONTAINER_STOP_TIMEOUT_S = 30  # SageMaker's SIGTERM -> SIGKILL
-
-
-@dataclass
-class ContainerBackend:
-    """The serving image behind the emulator, run as SageMaker runs it: `docker run <image>
-    serve`, the extracted models under /opt/ml/models/<hash>/model (a read-only bind mount of
-    <root>/opt/ml/models), SAGEMAKER_BIND_TO_PORT set. Its API has no key, as on SageMaker,
-    where only SageMaker's agent reaches the container: here it is published on 127.0.0.1 only,
-    for the emulator's run."""
-
-    container: Any  # a Docker SDK Container
-    ports: Ports
-    models_dir: Path
-    client: TorchServeClient
-    engine_client: Any  # the Docker SDK client the container was started with
-
-    def running(self) -> bool:
-        try:
-            self.container.reload()
-        except Exception:  # removed, or the engine went away
-            return False
-        return self.container.status in ("created", "running")
-
-    def wait_until_accepting(self, timeout: float = 180.0) -> None:
-        def accepting() -> bool:
-            if accepts_calls(self.client):
-                return True
-            if not self.running():  # no process to watch here: the container's state
-                raise ServeError(f"the container exited; its log:\n{self.logs()}")
-            return False
-
-        wait_until(accepting, "the container to accept calls", timeout, CONTAINER_POLL_S)
-
-    def logs(self, tail: int = 200) -> str:
-        try:
-            return self.container.logs(tail=tail).decode(errors="replace")
-        except Exception as error:  # already removed
-            return f"(no log: {error})"
-
-    def stop(self) -> None:
-        try:
-            self.container.stop(timeout=CONTAINER_STOP_TIMEOUT_S)
-            self.container.remove(force=True)
-        except Exception as error:  # already gone
-            logger.info("container stop: %s", error)
-        finally:
-            self.engine_client.close()
-
-
-def start_container(root: Path, image_tag: str, name: str | None = None) -> ContainerBackend:
-    """The image in SageMaker's mode on a free loopback port, not waited for."""
-    from scripts import engine
-
-    port = free_ports(1)[0]
-    models_dir = root / "opt" / "ml" / "models"
-    models_dir.mkdir(parents=True, exist_ok=True)
-    docker_client = engine.ensure().client()
-    container = docker_client.containers.run(
-        image_tag,
-        command=["serve"],
-        name=name,
-        detach=True,
-        environment={"SAGEMAKER_BIND_TO_PORT": str(port)},  # as on a multi-container endpoint
-        ports={f"{port}/tcp": ("127.0.0.1", port)},
-        volumes={str(models_dir): {"bind": str(CONTAINER_MODELS_DIR), "mode": "ro"}},
-        stop_signal="SIGTERM",
-        labels={"org.mmekit.role": "mme-backend"},
-    )
-    return ContainerBackend(
-        container, Ports(port, port), models_dir, TorchServeClient(loopback_url(port)),
-        docker_client,
-    )  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------
@@ -683,7 +510,7 @@ def main(argv: list[str] | None = None) -> int:
     from scripts.torchserve.runtime import interrupt
 
     parser = argparse.ArgumentParser(
-        prog="python -m scripts.mme",
+        prog="python -m scripts.sagemaker.emulator",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
