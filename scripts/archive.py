@@ -27,9 +27,9 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from scripts import HANDLERS_DIR, PROJECT_ROOT
-from scripts.models import MODELS, TIERS, spec
-from scripts.weights import (
+from . import HANDLERS_DIR, PROJECT_ROOT
+from .models import MODELS, TIERS, spec
+from .weights import (
     DEFAULT_ROOT,
     WeightsChangedError,
     build_tier,

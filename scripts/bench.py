@@ -43,12 +43,12 @@ from pathlib import Path
 from mmekit_limits import SAGEMAKER_PAYLOAD_BYTES
 from PIL import Image
 
-from scripts import PROJECT_ROOT
-from scripts.archive import archive_models
-from scripts.examples import requests as example_requests
-from scripts.models import MODELS, spec
-from scripts.torchserve.client import TorchServeClient, loopback_url
-from scripts.weights import weights_dir
+from . import PROJECT_ROOT
+from .archive import archive_models
+from .examples import requests as example_requests
+from .models import MODELS, spec
+from .torchserve.client import TorchServeClient, loopback_url
+from .weights import weights_dir
 
 OUTPUT_DIR = PROJECT_ROOT / "bench"
 MAX_BODY_BYTES = SAGEMAKER_PAYLOAD_BYTES
@@ -123,9 +123,9 @@ def torchserve(
 ) -> Iterator[TorchServeClient]:
     """A native TorchServe on free loopback ports, ready when every model has answered; its
     client, with the inference key where the profile has one."""
-    from scripts.examples import write_requests
-    from scripts.torchserve.readiness import wait_for_ping, wait_for_token, wait_until_ready
-    from scripts.torchserve.runtime import launch_native, shut_down
+    from .examples import write_requests
+    from .torchserve.readiness import wait_for_ping, wait_for_token, wait_until_ready
+    from .torchserve.runtime import launch_native, shut_down
 
     log_path = run_dir / "torchserve.log"
     runtime, process, ports = launch_native(run_dir, store, profile, models, log_path)
@@ -151,7 +151,7 @@ def torchserve(
 
 def echo_model(store: Path) -> str:
     """The do-nothing handler, archived like the models (echo.tar.gz in the store)."""
-    from scripts.archive import GZIP_LEVEL, write_deterministic_tar
+    from .archive import GZIP_LEVEL, write_deterministic_tar
 
     folder = store.parent / "echo-build"
     (folder / "MAR-INF").mkdir(parents=True, exist_ok=True)
@@ -170,14 +170,14 @@ def worker_threads(model: str) -> int:
     """The intra-op threads TorchServe's worker for `model` runs with (its model-config.yaml's
     cpu_threads, else the server's share): the in-process side of a comparison runs with the
     same, so that the difference is serving, not threads."""
-    from scripts.torchserve.runtime import shared_threads
+    from .torchserve.runtime import shared_threads
 
     wanted = spec(model).handler_settings().get("cpu_threads", "share")
     return min(wanted, os.cpu_count() or 1) if isinstance(wanted, int) else shared_threads()
 
 
 def in_process(work: Path, model: str, tier: str, weights_root: Path, **settings: object):
-    from scripts.inprocess import ServedModel, make_model_dir
+    from .inprocess import ServedModel, make_model_dir
 
     folder = make_model_dir(
         work / f"in-process-{model}", model, weights_dir(weights_root, tier, model), settings
@@ -315,7 +315,7 @@ def sam_click_archive(store: Path, tier: str, weights_root: Path, threads: int) 
 
     import yaml
 
-    from scripts.archive import archive_inputs, build_archive
+    from .archive import archive_inputs, build_archive
 
     inputs = archive_inputs("sam", tier, weights_root)
     config = yaml.safe_load(inputs.config.read_text())
@@ -361,7 +361,7 @@ def cold_child(model_dir: Path, body_file: Path) -> None:
     the threads the model's TorchServe worker gets."""
     import torch
 
-    from scripts.inprocess import ServedModel
+    from .inprocess import ServedModel
 
     manifest = json.loads((model_dir / "MAR-INF" / "MANIFEST.json").read_text())
     torch.set_num_threads(worker_threads(manifest["model"]["modelName"]))
@@ -381,8 +381,8 @@ def bench_cold(
 ) -> dict:
     """Medians over `repeats`, levels in a rotated order each time, after one untimed load (the
     first load of a fresh server also pays for its page cache and its first worker)."""
-    from scripts.sagemaker.emulator import Endpoint
-    from scripts.sagemaker.sources import LocalSource
+    from .sagemaker.emulator import Endpoint
+    from .sagemaker.sources import LocalSource
 
     bodies = {m: json.dumps(r).encode() for m, r in example_requests(sd_steps=1).items()}
     stores = {}
@@ -536,7 +536,7 @@ PHOTO_OBJECT = (600, 500)  # the object erased or replaced: the same size on eve
 
 
 def photo_body(model: str, size: str) -> bytes:
-    from scripts.examples import photo_like, photo_request
+    from .examples import photo_like, photo_request
 
     width, height = PHOTO_SIZES[size]
     left, top = width * 5 // 8, height // 2 - PHOTO_OBJECT[1] // 2
@@ -556,7 +556,7 @@ def photo_child(model_dir: Path, body_file: Path, out_file: Path) -> None:
     import psutil
     import torch
 
-    from scripts.inprocess import ServedModel
+    from .inprocess import ServedModel
 
     served = ServedModel(model_dir, gpu_id=0 if torch.cuda.is_available() else None)
     model = json.loads((model_dir / "MAR-INF" / "MANIFEST.json").read_text())["model"]
@@ -585,8 +585,8 @@ def photo_child(model_dir: Path, body_file: Path, out_file: Path) -> None:
 
 def bench_photos(work: Path, plan: dict[str, dict[str, list[str]]], weights_root: Path) -> dict:
     """plan: tier -> model -> sizes. Each row is one request in a fresh process."""
-    from scripts.inprocess import make_model_dir
-    from scripts.weights import build_tier
+    from .inprocess import make_model_dir
+    from .weights import build_tier
 
     results: dict = {"object": f"{PHOTO_OBJECT[0]}x{PHOTO_OBJECT[1]}", "rows": []}
     bodies: dict[tuple[str, str], Path] = {}
@@ -618,8 +618,8 @@ def bench_gpu(work: Path, weights_root: Path, rounds: int) -> dict | None:
 
     if not torch.cuda.is_available():
         return None
-    from scripts.inprocess import ServedModel, make_model_dir
-    from scripts.weights import build_tier
+    from .inprocess import ServedModel, make_model_dir
+    from .weights import build_tier
 
     build_tier("synthetic", weights_root)
     results: dict = {
@@ -724,7 +724,7 @@ def gpu_memory_child(model_dir: Path, body_file: Path, out_file: Path) -> None:
     """In a fresh process (--gpu-memory-child): the CUDA context alone, then one request."""
     import torch
 
-    from scripts.inprocess import ServedModel
+    from .inprocess import ServedModel
 
     torch.zeros(1, device="cuda")
     torch.cuda.synchronize()
@@ -753,7 +753,7 @@ def gpu_memory_child(model_dir: Path, body_file: Path, out_file: Path) -> None:
 def bench_gpu_memory(work: Path, weights_root: Path, vit_h_root: Path) -> dict:
     """GPU memory after one request of each full-size model, each in a fresh process, with
     model-config.yaml's precision (SAM vit_h also in bfloat16 and float16)."""
-    from scripts.inprocess import make_model_dir
+    from .inprocess import make_model_dir
 
     runs = {
         "sam vit_h (config)": ("sam", vit_h_root, {}),
@@ -948,7 +948,7 @@ def chart(results: dict, path: Path) -> None:
 
 
 def run(args: argparse.Namespace) -> dict:
-    from scripts.weights import build_tier
+    from .weights import build_tier
 
     models = [m for m in args.models.split(",") if m]
     unknown = set(models) - set(MODELS)
@@ -994,7 +994,7 @@ def run(args: argparse.Namespace) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from scripts.weights import DEFAULT_ROOT
+    from .weights import DEFAULT_ROOT
 
     parser = argparse.ArgumentParser(
         prog="python -m scripts.bench",

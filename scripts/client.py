@@ -42,7 +42,7 @@ from typing import Any, Protocol
 from mmekit_limits import SAGEMAKER_PAYLOAD_BYTES
 from PIL import Image, ImageFilter, ImageOps, UnidentifiedImageError
 
-from scripts import PROJECT_ROOT
+from . import PROJECT_ROOT
 
 MAX_BODY_BYTES = SAGEMAKER_PAYLOAD_BYTES  # enforced before sending, for every target
 PROMOTION_FILE = PROJECT_ROOT / "promotion.json"
@@ -133,9 +133,9 @@ class LocalTarget:
 
     @classmethod
     def from_environment(cls, url: str | None = None) -> LocalTarget:
-        from scripts.torchserve import ServeError
-        from scripts.torchserve.client import loopback_url, read_token
-        from scripts.torchserve.runtime import RUN_DIR, active_runtime
+        from .torchserve import ServeError
+        from .torchserve.client import loopback_url, read_token
+        from .torchserve.runtime import RUN_DIR, active_runtime
 
         port = os.environ.get("INFERENCE_PORT", "8080")
         management = loopback_url(os.environ.get("MANAGEMENT_PORT", "8081"))
@@ -152,7 +152,7 @@ class LocalTarget:
     def torchserve(self) -> Any:
         """TorchServe's client (scripts/torchserve/client.py), keyed per call with `token`."""
         if self._torchserve is None:
-            from scripts.torchserve.client import TorchServeClient
+            from .torchserve.client import TorchServeClient
 
             self._torchserve = TorchServeClient(self.url, self.management_url)
         return self._torchserve
@@ -230,7 +230,7 @@ class RuntimeTarget:
 
     def client(self) -> Any:
         if self._client is None:
-            from scripts.aws import make_client
+            from .aws import make_client
 
             # the emulator ignores signatures: no AWS credentials needed to use it
             self._client = make_client(

@@ -46,13 +46,13 @@ from pathlib import Path
 
 import psutil
 
-from scripts.examples import requests as example_requests
-from scripts.models import MODELS
-from scripts.torchserve import ServeError
-from scripts.torchserve.client import loopback_url, read_token
-from scripts.torchserve.profile import Ports, render_profile
-from scripts.torchserve.readiness import Readiness
-from scripts.torchserve.runtime import NativeRuntime
+from .examples import requests as example_requests
+from .models import MODELS
+from .torchserve import ServeError
+from .torchserve.client import loopback_url, read_token
+from .torchserve.profile import Ports, render_profile
+from .torchserve.readiness import Readiness
+from .torchserve.runtime import NativeRuntime
 
 IMAGE_ROOT = Path("/opt/mmekit")  # WORKDIR in the Dockerfile: scripts/, configs/, handlers/
 RUN_DIR = IMAGE_ROOT / "run"  # TorchServe's working folder (compose mounts .mmekit/compose)

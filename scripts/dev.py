@@ -31,8 +31,8 @@ from pathlib import Path
 
 import requests
 
-from scripts import PROJECT_ROOT
-from scripts.archive import (
+from . import PROJECT_ROOT
+from .archive import (
     GZIP_LEVEL,
     SHARED_MODULES,
     ArchiveInputs,
@@ -40,14 +40,14 @@ from scripts.archive import (
     run_archiver,
     write_deterministic_tar,
 )
-from scripts.examples import requests as example_requests
-from scripts.models import MODELS, spec
-from scripts.torchserve import ServeError
-from scripts.torchserve.client import Reply, TorchServeClient, loopback_url
-from scripts.torchserve.profile import Ports, check_ports_free, render_profile
-from scripts.torchserve.readiness import wait_for_ping, wait_for_token, wait_until
-from scripts.torchserve.runtime import RUN_DIR, NativeRuntime, interrupt, shut_down
-from scripts.weights import DEFAULT_ROOT, build_tier, sha256_of, weights_dir
+from .examples import requests as example_requests
+from .models import MODELS, spec
+from .torchserve import ServeError
+from .torchserve.client import Reply, TorchServeClient, loopback_url
+from .torchserve.profile import Ports, check_ports_free, render_profile
+from .torchserve.readiness import wait_for_ping, wait_for_token, wait_until
+from .torchserve.runtime import RUN_DIR, NativeRuntime, interrupt, shut_down
+from .weights import DEFAULT_ROOT, build_tier, sha256_of, weights_dir
 
 PROBE_TIMEOUT_S = 120.0  # a new version that has not answered by then is given up
 PROBE_POLL_S = 0.2

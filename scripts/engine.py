@@ -31,8 +31,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-from scripts import PROJECT_ROOT
-from scripts.polling import PollTimeout, poll_until
+from . import PROJECT_ROOT
+from .polling import PollTimeout, poll_until
 
 PODMAN_DIR = PROJECT_ROOT / ".mmekit" / "podman"
 PODMAN_SOCKET = PODMAN_DIR / "podman.sock"

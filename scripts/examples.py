@@ -16,7 +16,7 @@ import numpy as np
 from mmekit_limits import SAGEMAKER_PAYLOAD_BYTES
 from PIL import Image, ImageDraw
 
-from scripts.models import names, resolve, spec
+from .models import names, resolve, spec
 
 SCENE_SIZE = (640, 480)
 BALL_CENTRE = (400, 300)

@@ -56,10 +56,10 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from scripts import PROJECT_ROOT
-from scripts.cli import OneLineParser, positive_int
-from scripts.models import MODELS, TIERS, resolve, spec
-from scripts.weights import DEFAULT_ROOT, build_tier, read_info, weights_dir
+from . import PROJECT_ROOT
+from .cli import OneLineParser, positive_int
+from .models import MODELS, TIERS, resolve, spec
+from .weights import DEFAULT_ROOT, build_tier, read_info, weights_dir
 
 PROG = "python -m scripts.footprint"
 DEFAULT_OUTPUT = PROJECT_ROOT / "model_store" / "footprint.json"

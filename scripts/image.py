@@ -29,7 +29,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from scripts import PROJECT_ROOT, engine
+from . import PROJECT_ROOT, engine
 
 NO_ENGINE = (
     "no Docker engine reachable here (none answers, and podman could not be set up): use "

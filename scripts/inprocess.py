@@ -19,7 +19,7 @@ from typing import Any
 
 import yaml
 
-from scripts.models import spec
+from .models import spec
 
 
 @dataclass

@@ -16,7 +16,8 @@ from pathlib import Path
 import torch
 
 import lama_net  # noqa: E402
-from scripts import HANDLERS_DIR  # noqa: F401  (puts handlers/ on sys.path)
+
+from . import HANDLERS_DIR  # noqa: F401  (puts handlers/ on sys.path)
 
 GENERATOR_PREFIX = "generator."
 

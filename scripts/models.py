@@ -11,7 +11,7 @@ Importing this module imports the standard library only: HTTP-only tools (the `m
 `make iam-policy`, `make promote DRY_RUN=1`) read the names without loading torch. Anything
 heavy is named as "module:function" and imported on use (`resolve`).
 
-    from scripts.models import MODELS, spec
+    from .models import MODELS, spec
     spec("sam").config_file   # configs/sam/model-config.yaml
 """
 
@@ -24,7 +24,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
-from scripts import HANDLERS_DIR, PROJECT_ROOT
+from . import HANDLERS_DIR, PROJECT_ROOT
 
 CONFIGS_DIR = PROJECT_ROOT / "configs"
 CONFIG_FILE = "model-config.yaml"
@@ -104,11 +104,13 @@ class ModelSpec:
 
 
 def resolve(ref: Ref) -> Callable[..., Any]:
-    """The callable `ref` names ("module:attribute"), imported now; a callable as it is."""
+    """The callable `ref` names ("module:attribute"), imported now; a callable as it is. A
+    module with a leading dot is the harness's own (".weights"), whatever name it was imported
+    under: `scripts` from the checkout, `mmekit` where it is installed."""
     if callable(ref):
         return ref
     module, _, attribute = ref.partition(":")
-    return getattr(importlib.import_module(module), attribute)
+    return getattr(importlib.import_module(module, __package__), attribute)
 
 
 SAM = ModelSpec(
@@ -116,10 +118,10 @@ SAM = ModelSpec(
     handler_file="sam_handler.py",
     handler_class="SamHandler",
     variants={"tiny": "tiny", "synthetic": "vit_b", "full": "vit_h"},
-    random_weights="scripts.weights:random_sam",
-    fetcher="scripts.weights:fetch_sam",
-    example="scripts.examples:sam_example",
-    footprint_request="scripts.footprint:sam_request",
+    random_weights=".weights:random_sam",
+    fetcher=".weights:fetch_sam",
+    example=".examples:sam_example",
+    footprint_request=".footprint:sam_request",
     curl_output="mask.png",
     torch_modules=("decoder.sam",),
     reply_keys=("scores",),
@@ -129,10 +131,10 @@ LAMA = ModelSpec(
     handler_file="lama_handler.py",
     handler_class="LamaHandler",
     variants={"tiny": "tiny", "synthetic": "big-lama", "full": "big-lama"},
-    random_weights="scripts.weights:random_lama",
-    fetcher="scripts.weights:fetch_lama",
-    example="scripts.examples:lama_example",
-    footprint_request="scripts.footprint:lama_request",
+    random_weights=".weights:random_lama",
+    fetcher=".weights:fetch_lama",
+    example=".examples:lama_example",
+    footprint_request=".footprint:lama_request",
     curl_output="erased.png",
     torch_modules=("network",),
 )
@@ -141,10 +143,10 @@ SD = ModelSpec(
     handler_file="sd_handler.py",
     handler_class="SdHandler",
     variants={"tiny": "tiny", "synthetic": "sd2-inpainting", "full": "sd2-inpainting"},
-    random_weights="scripts.weights:random_sd",
-    fetcher="scripts.weights:fetch_sd",
-    example="scripts.examples:sd_example",
-    footprint_request="scripts.footprint:sd_request",
+    random_weights=".weights:random_sd",
+    fetcher=".weights:fetch_sd",
+    example=".examples:sd_example",
+    footprint_request=".footprint:sd_request",
     curl_output="replaced.png",
     torch_modules=("pipeline.components",),
     window_setting="window_size",

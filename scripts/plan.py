@@ -40,8 +40,8 @@ from typing import Any
 
 import yaml
 
-from scripts import PROJECT_ROOT
-from scripts.cli import OneLineParser, positive_int
+from . import PROJECT_ROOT
+from .cli import OneLineParser, positive_int
 
 PROG = "python -m scripts.plan"
 INSTANCES_FILE = PROJECT_ROOT / "configs" / "instances.yaml"

@@ -30,15 +30,15 @@ import sys
 from dataclasses import asdict
 from pathlib import Path
 
-from scripts.archive import DEFAULT_STORE
-from scripts.sagemaker.ami import AmiChoice, load_ami_table, plan_ami
-from scripts.sagemaker.debug import debug_logging
-from scripts.sagemaker.endpoint import build_and_push_image
-from scripts.sagemaker.gate import gate, read_artifacts
-from scripts.sagemaker.iam import iam_policies
-from scripts.sagemaker.promoter import Promoter
-from scripts.sagemaker.promotion import plan_lines, write_promotion
-from scripts.sagemaker.settings import (
+from .archive import DEFAULT_STORE
+from .sagemaker.ami import AmiChoice, load_ami_table, plan_ami
+from .sagemaker.debug import debug_logging
+from .sagemaker.endpoint import build_and_push_image
+from .sagemaker.gate import gate, read_artifacts
+from .sagemaker.iam import iam_policies
+from .sagemaker.promoter import Promoter
+from .sagemaker.promotion import plan_lines, write_promotion
+from .sagemaker.settings import (
     PROMOTION_FILE,
     SETTINGS_FILE,
     TESTED_RECORD,
@@ -47,7 +47,7 @@ from scripts.sagemaker.settings import (
     check_settings,
     load_settings,
 )
-from scripts.sagemaker.teardown import list_models, teardown
+from .sagemaker.teardown import list_models, teardown
 
 
 def run(args: argparse.Namespace, settings: Settings, promoter: Promoter) -> int:
@@ -89,7 +89,7 @@ def run(args: argparse.Namespace, settings: Settings, promoter: Promoter) -> int
     endpoint = promoter.ensure_endpoint(image, ami.ami.name)
     promoter.scale()
     if not args.no_smoke:
-        from scripts.examples import requests as example_requests
+        from .examples import requests as example_requests
 
         promoter.smoke(artifacts, example_requests(sd_steps=2))
     write_promotion(args.output, settings, image, endpoint, artifacts, ami)
@@ -218,7 +218,7 @@ def dispatch(args: argparse.Namespace, settings: Settings, promoter: Promoter) -
     elif command == "scale":
         promoter.scale()
     elif command == "smoke":
-        from scripts.examples import requests as example_requests
+        from .examples import requests as example_requests
 
         promoter.smoke(artifacts, example_requests(sd_steps=2))
     elif command == "models":

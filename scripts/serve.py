@@ -32,15 +32,15 @@ import signal
 import sys
 from pathlib import Path
 
-from scripts import PROJECT_ROOT
-from scripts.archive import DEFAULT_STORE, archive_models
-from scripts.examples import write_requests
-from scripts.models import MODELS, spec
-from scripts.torchserve import ServeError
-from scripts.torchserve.client import TorchServeClient, loopback_url, read_token
-from scripts.torchserve.profile import Ports, check_ports_free, render_profile
-from scripts.torchserve.readiness import wait_for_token, wait_until_ready
-from scripts.torchserve.runtime import (
+from . import PROJECT_ROOT
+from .archive import DEFAULT_STORE, archive_models
+from .examples import write_requests
+from .models import MODELS, spec
+from .torchserve import ServeError
+from .torchserve.client import TorchServeClient, loopback_url, read_token
+from .torchserve.profile import Ports, check_ports_free, render_profile
+from .torchserve.readiness import wait_for_token, wait_until_ready
+from .torchserve.runtime import (
     ACTIVE_RUNTIME,
     RUN_DIR,
     RUNTIMES,
@@ -49,7 +49,7 @@ from scripts.torchserve.runtime import (
     interrupt,
     shut_down,
 )
-from scripts.weights import DEFAULT_ROOT, WeightsChangedError
+from .weights import DEFAULT_ROOT, WeightsChangedError
 
 
 def prepare_archives(tier: str, weights_root: Path, store: Path) -> dict[str, dict]:

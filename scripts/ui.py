@@ -54,10 +54,10 @@ from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
-from scripts import client
-from scripts.client import EditError, Picture, Target
-from scripts.loopback import LoopbackGuard
-from scripts.models import spec
+from . import client
+from .client import EditError, Picture, Target
+from .loopback import LoopbackGuard
+from .models import spec
 
 STATIC_DIR = Path(__file__).resolve().parent / "ui_static"
 HOST = "127.0.0.1"

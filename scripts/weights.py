@@ -28,8 +28,8 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
-from scripts import PROJECT_ROOT
-from scripts.models import MODELS, RANDOM_TIERS, TIERS, resolve, spec
+from . import PROJECT_ROOT
+from .models import MODELS, RANDOM_TIERS, TIERS, resolve, spec
 
 if TYPE_CHECKING:
     from torch import Tensor
@@ -272,7 +272,7 @@ def load_pins(path: Path = FULL_TIER_PINS) -> dict:
 
 
 def download(pin: dict, downloads: Path, progress: bool) -> Path:
-    from scripts.download import fetch_file
+    from .download import fetch_file
 
     name = pin["url"].rsplit("/", 1)[-1]
     dest = downloads / f"{pin['sha256'][:12]}-{name}"
@@ -300,7 +300,7 @@ def fetch_sam(pins: dict, variant: str, folder: Path, downloads: Path, progress:
 
 
 def fetch_lama(pins: dict, variant: str, folder: Path, downloads: Path, progress: bool) -> None:
-    from scripts.lama_checkpoint import convert_big_lama_state_dict, load_checkpoint_state_dict
+    from .lama_checkpoint import convert_big_lama_state_dict, load_checkpoint_state_dict
 
     pin = pins[variant]
     archive = download(pin, downloads, progress)
@@ -472,7 +472,7 @@ def main(argv: list[str] | None = None) -> int:
         variants = {"sam": args.sam_variant} if args.sam_variant else None
         build_tier(args.tier, args.root, tuple(args.models), args.force, variants)
     elif args.command == "fetch":
-        from scripts.download import DownloadError
+        from .download import DownloadError
 
         try:
             fetch_full(args.root, {"sam": args.sam_variant}, tuple(args.models), args.pins)

@@ -182,3 +182,23 @@ def test_tools_that_only_read_names_and_digests_do_not_import_torch(module: str)
 
     check = f"import sys, {module}; sys.exit('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", check], cwd=PROJECT_ROOT).returncode == 0
+
+
+def test_installed_the_harness_is_mmekit_and_claims_no_generic_name(tmp_path):
+    # outside the checkout, as a user runs the `mmekit` command: the editable install provides
+    # `mmekit` (this folder, scripts/), never a top-level `scripts`
+    check = (
+        "import importlib.util, sys\n"
+        "import mmekit.client, mmekit.models as models\n"
+        "assert importlib.util.find_spec('scripts') is None, 'scripts is importable'\n"
+        "assert models.resolve(models.spec('sam').example).__module__ == 'mmekit.examples'\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", check], cwd=tmp_path, capture_output=True, text=True, check=False
+    )
+    assert done.returncode == 0, done.stderr
+    command = Path(sys.executable).with_name("mmekit")
+    usage = subprocess.run(
+        [str(command), "--help"], cwd=tmp_path, capture_output=True, text=True, check=False
+    )
+    assert usage.returncode == 0 and "segment" in usage.stdout, usage.stderr

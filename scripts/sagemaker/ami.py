@@ -11,7 +11,8 @@ from pathlib import Path
 import yaml
 
 import mmekit_cuda  # the driver/CUDA rule the handlers also use (torch-free)
-from scripts.sagemaker.settings import AMI_TABLE, PromoteError, Settings
+
+from ..sagemaker.settings import AMI_TABLE, PromoteError, Settings
 
 
 @dataclass(frozen=True)
@@ -80,7 +81,7 @@ def image_cuda(settings: Settings, image_ref: str | None) -> tuple[str, str]:
     """torch.version.cuda of the image, and where it came from: the image's label (read with
     `docker image inspect` where the image is local), else image_cuda from the settings. The
     venv's torch is never taken for it: the image may be built from another wheel index."""
-    from scripts import image
+    from .. import image
 
     label = image.image_torch_cuda(image_ref) if image_ref else None
     setting = settings.image_cuda.strip()

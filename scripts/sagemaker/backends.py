@@ -9,13 +9,13 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import IO, TYPE_CHECKING, Any
 
-from scripts.torchserve import ServeError
-from scripts.torchserve.client import TorchServeClient, loopback_url
-from scripts.torchserve.profile import Ports, free_ports, render_profile
-from scripts.torchserve.readiness import accepts_calls, wait_until
+from ..torchserve import ServeError
+from ..torchserve.client import TorchServeClient, loopback_url
+from ..torchserve.profile import Ports, free_ports, render_profile
+from ..torchserve.readiness import accepts_calls, wait_until
 
 if TYPE_CHECKING:
-    from scripts.torchserve.runtime import NativeRuntime
+    from ..torchserve.runtime import NativeRuntime
 
 logger = logging.getLogger("mmekit.mme")
 
@@ -49,7 +49,7 @@ class Backend:
         )
 
     def stop(self) -> None:
-        from scripts.torchserve.runtime import shut_down
+        from ..torchserve.runtime import shut_down
 
         shut_down(self.runtime, self.process)
 
@@ -59,7 +59,7 @@ def start_torchserve(root: Path, log: IO[bytes] | None = None) -> Backend:
     with a key on every API: scripts/torchserve/profile.py PROFILE_CHANGES) on free loopback
     ports, with <root>/opt/ml/models as its store and <root>/torchserve, owner only, as its run
     folder."""
-    from scripts.torchserve.runtime import NativeRuntime  # imports yaml: only when started
+    from ..torchserve.runtime import NativeRuntime  # imports yaml: only when started
 
     ports = Ports(*free_ports(5))  # internal: any free loopback ports will do
     run_dir = root / "torchserve"
@@ -130,7 +130,7 @@ class ContainerBackend:
 
 def start_container(root: Path, image_tag: str, name: str | None = None) -> ContainerBackend:
     """The image in SageMaker's mode on a free loopback port, not waited for."""
-    from scripts import engine
+    from .. import engine
 
     port = free_ports(1)[0]
     models_dir = root / "opt" / "ml" / "models"

@@ -46,9 +46,9 @@ import requests
 from mmekit_limits import SAGEMAKER_PAYLOAD_BYTES
 from prometheus_client import CollectorRegistry, Counter, Gauge, Summary, generate_latest
 
-from scripts import PROJECT_ROOT
-from scripts.polling import PollTimeout, poll_until
-from scripts.sagemaker.backends import (
+from .. import PROJECT_ROOT
+from ..polling import PollTimeout, poll_until
+from ..sagemaker.backends import (
     CONTAINER_MODELS_DIR,
     READY_POLL_S,
     Backend,
@@ -56,11 +56,11 @@ from scripts.sagemaker.backends import (
     start_container,
     start_torchserve,
 )
-from scripts.sagemaker.sources import REGION, LocalSource, ModelNotFound, S3Source, make_s3_client
-from scripts.torchserve import ServeError
-from scripts.torchserve.client import Reply, TorchServeClient
-from scripts.torchserve.profile import check_port_free
-from scripts.torchserve.readiness import accepts_calls
+from ..sagemaker.sources import REGION, LocalSource, ModelNotFound, S3Source, make_s3_client
+from ..torchserve import ServeError
+from ..torchserve.client import Reply, TorchServeClient
+from ..torchserve.profile import check_port_free
+from ..torchserve.readiness import accepts_calls
 
 if TYPE_CHECKING:
     pass
@@ -448,7 +448,7 @@ def create_app(endpoint: Endpoint, bind_address: str = "127.0.0.1") -> Any:
     from starlette.responses import JSONResponse, Response
     from starlette.routing import Route
 
-    from scripts.loopback import LoopbackGuard
+    from ..loopback import LoopbackGuard
 
     async def invocations(request: Request) -> Response:
         request_id = str(uuid.uuid4())
@@ -505,9 +505,9 @@ def create_app(endpoint: Endpoint, bind_address: str = "127.0.0.1") -> Any:
 def main(argv: list[str] | None = None) -> int:
     import uvicorn
 
-    from scripts.archive import DEFAULT_STORE, archive_models
-    from scripts.examples import write_requests
-    from scripts.torchserve.runtime import interrupt
+    from ..archive import DEFAULT_STORE, archive_models
+    from ..examples import write_requests
+    from ..torchserve.runtime import interrupt
 
     parser = argparse.ArgumentParser(
         prog="python -m scripts.sagemaker.emulator",
@@ -558,7 +558,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     backend: Backend | ContainerBackend
     if args.backend == "container":
-        from scripts import engine, image
+        from .. import engine, image
 
         try:
             tag = args.image or image.build_image(reuse=True).tags[0]

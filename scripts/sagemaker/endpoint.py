@@ -9,12 +9,12 @@ import time
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
-from scripts.sagemaker.errors import error_code, is_not_found
-from scripts.sagemaker.naming import config_name, model_name
-from scripts.sagemaker.settings import PromoteError, Settings
+from ..sagemaker.errors import error_code, is_not_found
+from ..sagemaker.naming import config_name, model_name
+from ..sagemaker.settings import PromoteError, Settings
 
 if TYPE_CHECKING:
-    from scripts.sagemaker.promoter import Promoter
+    from ..sagemaker.promoter import Promoter
 
 
 TRANSITIONAL = {"Creating", "Updating", "SystemUpdating", "RollingBack", "Deleting"}
@@ -29,7 +29,7 @@ def build_and_push_image(settings: Settings, environ: Mapping[str, str], promote
     """IMAGE_URI when given; else the image of this commit: reused when ECR already has it (a
     rebuild could change the digest, and with it the endpoint), built and pushed otherwise,
     where an engine runs. Never from uncommitted changes: the tag names a commit."""
-    from scripts import image
+    from .. import image
 
     if environ.get("IMAGE_URI"):
         return environ["IMAGE_URI"]

@@ -9,10 +9,10 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-from scripts.archive import DEFAULT_STORE, read_manifest
-from scripts.models import MODELS
-from scripts.sagemaker.settings import TESTED_RECORD, PromoteError, Settings
-from scripts.weights import sha256_of
+from ..archive import DEFAULT_STORE, read_manifest
+from ..models import MODELS
+from ..sagemaker.settings import TESTED_RECORD, PromoteError, Settings
+from ..weights import sha256_of
 
 
 @dataclass(frozen=True)

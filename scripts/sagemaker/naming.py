@@ -6,7 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 
-from scripts.sagemaker.settings import Settings
+from ..sagemaker.settings import Settings
 
 
 def short_hash(value: object) -> str:

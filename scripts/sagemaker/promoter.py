@@ -10,11 +10,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from scripts.sagemaker.endpoint import EndpointSteps
-from scripts.sagemaker.s3 import Uploads
-from scripts.sagemaker.scaling import Scaling
-from scripts.sagemaker.settings import Settings
-from scripts.sagemaker.smoke import Smoke
+from ..sagemaker.endpoint import EndpointSteps
+from ..sagemaker.s3 import Uploads
+from ..sagemaker.scaling import Scaling
+from ..sagemaker.settings import Settings
+from ..sagemaker.smoke import Smoke
 
 # Operations that change nothing: everything else counts as a mutating call.
 READ_ONLY = re.compile(r"^(Describe|List|Get|Head|Invoke)")
@@ -37,7 +37,7 @@ class Promoter(Uploads, EndpointSteps, Scaling, Smoke):
     def client(self, service: str) -> Any:
         if service not in self._clients:
             if self.client_factory is None:
-                from scripts.aws import make_client
+                from ..aws import make_client
 
                 client = make_client(service, self.settings.region)
             else:

@@ -7,11 +7,11 @@ import json
 from datetime import UTC, datetime
 from pathlib import Path
 
-from scripts.sagemaker.ami import AmiChoice
-from scripts.sagemaker.endpoint import DIGEST_IMAGE
-from scripts.sagemaker.gate import Artifact
-from scripts.sagemaker.naming import config_name, model_name
-from scripts.sagemaker.settings import PROMOTION_FILE, Settings
+from ..sagemaker.ami import AmiChoice
+from ..sagemaker.endpoint import DIGEST_IMAGE
+from ..sagemaker.gate import Artifact
+from ..sagemaker.naming import config_name, model_name
+from ..sagemaker.settings import PROMOTION_FILE, Settings
 
 
 def plan_lines(

@@ -12,7 +12,7 @@ from typing import Any
 
 import yaml
 
-from scripts import PROJECT_ROOT
+from .. import PROJECT_ROOT
 
 SETTINGS_FILE = PROJECT_ROOT / "configs" / "promote.yaml"
 AMI_TABLE = PROJECT_ROOT / "configs" / "inference-amis.yaml"

@@ -10,10 +10,10 @@ import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from scripts.models import spec
-from scripts.sagemaker.errors import error_code
-from scripts.sagemaker.gate import Artifact
-from scripts.sagemaker.settings import PromoteError, Settings
+from ..models import spec
+from ..sagemaker.errors import error_code
+from ..sagemaker.gate import Artifact
+from ..sagemaker.settings import PromoteError, Settings
 
 
 class Smoke:

@@ -56,6 +56,6 @@ class S3Source:
 
 def make_s3_client(endpoint_url: str | None = None, region: str | None = None) -> Any:
     """The emulator's S3 client, from the project's one seam (tests point it at moto)."""
-    from scripts.aws import make_client
+    from ..aws import make_client
 
     return make_client("s3", region or REGION, endpoint_url=endpoint_url)

@@ -7,7 +7,7 @@ import re
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from scripts.sagemaker.promoter import Promoter
+    from ..sagemaker.promoter import Promoter
 
 
 def list_models(promoter: Promoter) -> list[dict]:

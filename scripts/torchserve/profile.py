@@ -12,8 +12,8 @@ from pathlib import Path
 
 from mmekit_limits import SAGEMAKER_PAYLOAD_BYTES
 
-from scripts import PROJECT_ROOT
-from scripts.torchserve import ServeError
+from .. import PROJECT_ROOT
+from ..torchserve import ServeError
 
 PROFILES = {
     "local": "local.properties",

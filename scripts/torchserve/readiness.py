@@ -14,9 +14,9 @@ from typing import TypeVar
 
 import requests
 
-from scripts.polling import PollError, poll_until
-from scripts.torchserve import ServeError
-from scripts.torchserve.client import TorchServeClient, read_token
+from ..polling import PollError, poll_until
+from ..torchserve import ServeError
+from ..torchserve.client import TorchServeClient, read_token
 
 T = TypeVar("T")
 

@@ -13,11 +13,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
-from scripts import PROJECT_ROOT
-from scripts.archive import DEFAULT_STORE
-from scripts.models import MODELS
-from scripts.torchserve import ServeError
-from scripts.torchserve.profile import Ports, free_ports, render_profile, with_changes
+from .. import PROJECT_ROOT
+from ..archive import DEFAULT_STORE
+from ..models import MODELS
+from ..torchserve import ServeError
+from ..torchserve.profile import Ports, free_ports, render_profile, with_changes
 
 RUN_DIR = PROJECT_ROOT / ".mmekit"  # TorchServe's working folder: key_file.json, logs/, pid
 COMPOSE_FILE = PROJECT_ROOT / "compose.yaml"
@@ -161,7 +161,7 @@ class ComposeRuntime:
         return self.run_dir / "compose"
 
     def environment(self, ports: Ports | None = None, image_tag: str | None = None) -> dict:
-        from scripts import engine
+        from .. import engine
 
         found = engine.find()
         env = found.environment() if found else dict(os.environ)
@@ -202,7 +202,7 @@ class ComposeRuntime:
         log: IO[bytes] | None = None,
         ports: Ports | None = None,
     ) -> subprocess.Popen:
-        from scripts import engine, image
+        from .. import engine, image
 
         if self.model_store.resolve() != DEFAULT_STORE.resolve():
             raise ServeError(
@@ -241,7 +241,7 @@ class ComposeRuntime:
 
     def container(self) -> Any:
         """The running serving container (a Docker SDK object), if any."""
-        from scripts import engine
+        from .. import engine
 
         labels = [
             f"com.docker.compose.project={COMPOSE_PROJECT}",
@@ -317,12 +317,12 @@ ACTIVE_RUNTIME = "runtime"  # in RUN_DIR: which runtime `make serve-local` start
 def choose_runtime(requested: str) -> str:
     """`auto`: compose where a Docker engine with NVIDIA's runtime answers, native otherwise.
     An explicit `compose` without an engine is an error that says what to do."""
-    from scripts import image
+    from .. import image
 
     if requested == "native":
         return "native"
     if requested == "compose":  # asked for: set up the project's podman where none answers
-        from scripts import engine
+        from .. import engine
 
         try:
             engine.ensure()
