@@ -54,10 +54,11 @@ from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
-from . import client
-from .client import EditError, Picture, Target
+from . import client, targets
+from .client import Picture
 from .loopback import LoopbackGuard
 from .models import spec
+from .targets import EditError, Target
 
 STATIC_DIR = Path(__file__).resolve().parent / "ui_static"
 HOST = "127.0.0.1"
@@ -367,7 +368,7 @@ async def internal_error(request: Request, error: Exception) -> Response:
 
 
 def create_app(target: Target, max_side: int | None = None) -> Starlette:
-    """The page and its API, calling `target` (any client.Target) for every edit."""
+    """The page and its API, calling `target` (any targets.Target) for every edit."""
     editor = Editor(target, max_side)
     routes = [
         Route("/", page, methods=["GET"]),
@@ -438,7 +439,7 @@ def main(argv: list[str] | None = None) -> int:
 
     args = build_parser().parse_args(argv)
     try:
-        target = client.make_target(args.target, args.url, args.endpoint, args.region)
+        target = targets.make_target(args.target, args.url, args.endpoint, args.region)
     except EditError as error:
         print(f"error: {error}", file=sys.stderr)
         return error.exit_code

@@ -19,6 +19,10 @@ Prometheus text at `/metrics`.
 
 `--backend container` (MME_BACKEND=container) puts the serving image behind the emulator
 instead of a native TorchServe, exactly as SageMaker runs it (ContainerBackend).
+
+Why ~600 lines: most of it is one class, Endpoint, SageMaker's agent (load on first call,
+readiness, LRU eviction, the error shapes), whose methods share its lock and its model table;
+where tarballs come from (sources.py) and what runs them (backends.py) are apart.
 """
 
 from __future__ import annotations

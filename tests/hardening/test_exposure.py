@@ -712,7 +712,7 @@ def test_an_expired_token_is_refused_and_the_token_api_issues_a_fresh_one(guarde
 def test_the_client_recovers_from_an_expired_token(
     guarded: Server, monkeypatch: pytest.MonkeyPatch, figures
 ):
-    from scripts import client
+    from scripts import targets
 
     rotate(guarded, "inference")
     # where `make serve-local` runs: the run folder the client's from_environment reads
@@ -720,7 +720,7 @@ def test_the_client_recovers_from_an_expired_token(
     monkeypatch.delenv("MMEKIT_TOKEN", raising=False)
     monkeypatch.setenv("INFERENCE_PORT", str(guarded.ports.inference))
     monkeypatch.setenv("MANAGEMENT_PORT", str(guarded.ports.management))
-    target = client.LocalTarget.from_environment()
+    target = targets.LocalTarget.from_environment()
     target.timeout = 60.0
     body = sam_body()
     figures.add(inputs_tried=1, requests_sent=2)

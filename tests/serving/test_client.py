@@ -14,7 +14,7 @@ import pytest
 from botocore.exceptions import ClientError
 from PIL import Image, ImageChops, ImageFilter
 
-from scripts import client
+from scripts import client, targets
 from scripts.examples import BALL_CENTRE, ball_mask, scene
 from scripts.sagemaker.sources import LocalSource
 from scripts.torchserve.profile import free_ports
@@ -73,7 +73,7 @@ def reply_info(out: str) -> dict:
 class Spy:
     """A real target, and what it was sent (model and fields) and refused (error codes)."""
 
-    def __init__(self, target: client.Target) -> None:
+    def __init__(self, target: targets.Target) -> None:
         self.target, self.name = target, target.name
         self.sent: list[tuple[str, list[str]]] = []
         self.refusals: list[str | None] = []
@@ -85,7 +85,7 @@ class Spy:
         self.sent.append((model, sorted(json.loads(body))))
         try:
             return self.target.invoke(model, body)
-        except client.EditError as error:
+        except targets.EditError as error:
             self.refusals.append(error.code)
             raise
 
@@ -93,7 +93,7 @@ class Spy:
 def spy_on_targets(monkeypatch) -> list[Spy]:
     """Every target the command line makes, wrapped in a Spy (listed in the order made)."""
     spies: list[Spy] = []
-    make_target = client.make_target
+    make_target = targets.make_target
 
     def spied(*args, **kwargs) -> Spy:
         spies.append(Spy(make_target(*args, **kwargs)))
@@ -193,7 +193,7 @@ def test_an_image_id_the_endpoint_forgot_is_answered_by_sending_the_image(
     """Through boto3 and the emulator: SageMaker evicting SAM (its worker and embedding cache
     go) turns the id into a ModelError 400 unknown_image_id; the client sends the image."""
     target = Spy(
-        client.RuntimeTarget(
+        targets.RuntimeTarget(
             emulator.endpoint.name, "us-east-1", endpoint_url=emulator.url, name="mme"
         )
     )
@@ -285,13 +285,13 @@ class Recording:
         payload = json.loads(body)
         self.sent.append((model, payload))
         if self.refusal is not None:
-            raise client.refused(400, json.dumps({"error": self.refusal, "message": "no"}))
+            raise targets.refused(400, json.dumps({"error": self.refusal, "message": "no"}))
         if "image_id" in payload:
             image_id = payload["image_id"]
             if image_id not in self.known:
                 message = f"image_id {image_id[:12]}... is not in the cache: send the image again"
                 error = {"error": client.UNKNOWN_IMAGE_ID, "message": message}
-                raise client.refused(400, json.dumps(error))
+                raise targets.refused(400, json.dumps(error))
             size = self.known[image_id]
         else:
             image = Image.open(io.BytesIO(client.base64.b64decode(payload["image"])))
@@ -341,7 +341,7 @@ def test_an_unknown_image_id_is_answered_by_sending_the_image_once(tmp_path):
 def test_other_refusals_of_an_image_id_are_not_retried(tmp_path):
     Image.new("RGB", (64, 48)).save(tmp_path / "photo.png")
     fake = Recording(refusal="point_out_of_bounds")
-    with pytest.raises(client.EditError) as raised:
+    with pytest.raises(targets.EditError) as raised:
         client.segment(fake, client.prepare(tmp_path / "photo.png"), [(1, 1)], image_id="a" * 64)
     assert raised.value.code == "point_out_of_bounds" and raised.value.exit_code == 4
     assert len(fake.sent) == 1
@@ -423,14 +423,14 @@ def test_mask_and_points_together_or_a_wrong_sized_mask_are_usage_errors(tmp_pat
 
 def test_the_sagemaker_target_comes_from_promotion_json(tmp_path):
     promotion = tmp_path / "promotion.json"
-    with pytest.raises(client.EditError, match="make promote") as raised:
-        client.make_target("sagemaker", promotion=promotion)
+    with pytest.raises(targets.EditError, match="make promote") as raised:
+        targets.make_target("sagemaker", promotion=promotion)
     assert raised.value.exit_code == 2
     promotion.write_text(json.dumps({
         "endpoint": "mmekit", "region": "eu-west-1",
         "models": {"sam": {"target_model": "sam-abc.tar.gz", "sha256": "x", "size": 1}},
     }))  # fmt: skip
-    target = client.make_target("sagemaker", promotion=promotion)
+    target = targets.make_target("sagemaker", promotion=promotion)
     assert (target.endpoint, target.region) == ("mmekit", "eu-west-1")
     assert target.target_model("sam") == "sam-abc.tar.gz"
 
@@ -449,7 +449,7 @@ def test_a_model_still_loading_is_retried(monkeypatch):
             body = io.BytesIO(json.dumps({"generated_image": "aGk="}).encode())
             return {"Body": body}
 
-    target = client.RuntimeTarget("e", "us-east-1", _client=Runtime())
+    target = targets.RuntimeTarget("e", "us-east-1", _client=Runtime())
     assert target.invoke("lama", b"{}", sleep=lambda s: None) == {"generated_image": "aGk="}
     assert calls == ["lama.tar.gz"] * 3
 
@@ -461,18 +461,18 @@ def test_model_errors_show_the_handlers_message():
          "OriginalMessage": json.dumps({"error": "bad_point", "message": "point is outside"})},
         "InvokeEndpoint",
     )  # fmt: skip
-    failure = client.runtime_error(error, "sam.tar.gz")
+    failure = targets.runtime_error(error, "sam.tar.gz")
     assert failure.exit_code == 4 and "point is outside" in str(failure)
     assert failure.code == "bad_point"  # what a caller tells unknown_image_id apart by
 
 
 def test_a_refusal_carries_the_handlers_error_code_only():
     handler = json.dumps({"error": "unknown_image_id", "message": "send the image again"})
-    assert client.refused(400, handler).code == "unknown_image_id"
+    assert targets.refused(400, handler).code == "unknown_image_id"
     torchserve = json.dumps({"code": 400, "type": "InvalidKeyException", "message": "bad key"})
-    assert client.refused(400, torchserve).code is None
-    assert client.refused(400, "not json").code is None
-    assert client.refused(500, json.dumps({"error": "internal_error", "message": "x"})).code == (
+    assert targets.refused(400, torchserve).code is None
+    assert targets.refused(400, "not json").code is None
+    assert targets.refused(500, json.dumps({"error": "internal_error", "message": "x"})).code == (
         "internal_error"
     )
 

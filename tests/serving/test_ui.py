@@ -18,9 +18,10 @@ import uvicorn
 from PIL import Image, ImageDraw, ImageFilter
 from starlette.testclient import TestClient
 
-from scripts import client, ui
-from scripts.client import IMAGE_ID, UNKNOWN_IMAGE_ID, EditError, LocalTarget, png_bytes, refused
+from scripts import targets, ui
+from scripts.client import IMAGE_ID, UNKNOWN_IMAGE_ID, png_bytes
 from scripts.polling import poll_until
+from scripts.targets import EditError, LocalTarget, refused
 from scripts.torchserve.profile import free_ports
 from tests.servers import Server
 
@@ -322,10 +323,10 @@ def test_a_body_over_the_limit_is_refused_unread(api: TestClient, monkeypatch):
 @pytest.mark.parametrize(
     ("kind", "exit_code", "status", "error"),
     [
-        (client.CannotSend, 2, 400, "bad_request"),
-        (client.Unreachable, 3, 502, "unreachable"),
-        (client.Refused, 4, 400, "refused"),
-        (client.TargetFailed, 5, 502, "target_failed"),
+        (targets.CannotSend, 2, 400, "bad_request"),
+        (targets.Unreachable, 3, 502, "unreachable"),
+        (targets.Refused, 4, 400, "refused"),
+        (targets.TargetFailed, 5, 502, "target_failed"),
     ],
 )
 def test_client_errors_map_to_400_or_502_with_their_message(kind, exit_code, status, error):
