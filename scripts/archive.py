@@ -14,7 +14,6 @@ rebuilt.
 
 from __future__ import annotations
 
-import argparse
 import gzip
 import hashlib
 import json
@@ -28,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import HANDLERS_DIR, PROJECT_ROOT
+from .cli import tool_parser
 from .models import MODELS, TIERS, spec
 from .weights import (
     DEFAULT_ROOT,
@@ -281,11 +281,7 @@ def archive_models(
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m scripts.archive",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    parser = tool_parser("python -m scripts.archive", __doc__)
     parser.add_argument("--models", nargs="+", choices=MODELS, default=list(MODELS))
     parser.add_argument("--tier", choices=("auto", *TIERS), default="auto")
     parser.add_argument("--store", type=Path, default=DEFAULT_STORE)

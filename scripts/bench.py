@@ -50,6 +50,7 @@ from PIL import Image
 
 from . import PROJECT_ROOT
 from .archive import archive_models
+from .cli import tool_parser
 from .examples import requests as example_requests
 from .models import MODELS, spec
 from .torchserve.client import TorchServeClient, loopback_url
@@ -1001,11 +1002,7 @@ def run(args: argparse.Namespace) -> dict:
 def main(argv: list[str] | None = None) -> int:
     from .weights import DEFAULT_ROOT
 
-    parser = argparse.ArgumentParser(
-        prog="python -m scripts.bench",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    parser = tool_parser("python -m scripts.bench", __doc__)
     parser.add_argument(
         "--quick",
         action="store_true",

@@ -10,7 +10,6 @@ Idempotent and fast when nothing changed: the venv records a hash of what it was
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import os
 import re
@@ -19,6 +18,8 @@ import subprocess
 import sys
 import tomllib
 from pathlib import Path
+
+from .cli import tool_parser
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 VENV = PROJECT_ROOT / ".venv"
@@ -145,11 +146,7 @@ def ensure_venv(check_only: bool) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python3 -m scripts.bootstrap",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    parser = tool_parser("python3 -m scripts.bootstrap", __doc__)
     parser.add_argument("--check", action="store_true", help="report only, change nothing")
     parser.add_argument("--skip-java", action="store_true", help="only the Python side")
     parser.add_argument("--with-browser", action="store_true", help="chromium too (make test)")

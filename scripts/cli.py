@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import NoReturn
+from typing import Any, NoReturn
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -13,6 +13,18 @@ class OneLineParser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
         print(f"{self.prog}: error: {message}", file=sys.stderr)
         sys.exit(2)
+
+
+def tool_parser(
+    prog: str,
+    doc: str | None,
+    parser_class: type[argparse.ArgumentParser] = argparse.ArgumentParser,
+    **options: Any,
+) -> argparse.ArgumentParser:
+    """A tool's parser: its module docstring (`doc`), as written, is the --help text."""
+    return parser_class(
+        prog=prog, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter, **options
+    )
 
 
 def positive_int(text: str) -> int:

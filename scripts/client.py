@@ -43,6 +43,7 @@ from mmekit_limits import SAGEMAKER_PAYLOAD_BYTES
 from PIL import Image, ImageFilter, ImageOps, UnidentifiedImageError
 
 from . import PROJECT_ROOT
+from .cli import tool_parser
 from .targets import (
     PROMOTION_FILE,
     CannotSend,
@@ -412,11 +413,7 @@ def save(image: Image.Image, output: Path) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="mmekit",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    parser = tool_parser("mmekit", __doc__)
     parser.add_argument(
         "--target",
         choices=("local", "mme", "sagemaker"),

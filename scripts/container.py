@@ -46,6 +46,7 @@ from pathlib import Path
 
 import psutil
 
+from .cli import tool_parser
 from .examples import requests as example_requests
 from .models import MODELS
 from .torchserve import ServeError
@@ -254,11 +255,7 @@ def healthcheck(
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m scripts.container",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    parser = tool_parser("python -m scripts.container", __doc__)
     parser.add_argument("--run-dir", type=Path, default=RUN_DIR, help=argparse.SUPPRESS)
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("serve", help="SageMaker multi-model endpoint (the image's default)")

@@ -40,6 +40,7 @@ from .archive import (
     run_archiver,
     write_deterministic_tar,
 )
+from .cli import tool_parser
 from .examples import requests as example_requests
 from .models import MODELS, spec
 from .torchserve import ServeError
@@ -315,11 +316,7 @@ class DevServer:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m scripts.dev",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    parser = tool_parser("python -m scripts.dev", __doc__)
     parser.add_argument(
         "--tier",
         choices=("auto", "tiny", "synthetic", "full"),

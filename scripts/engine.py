@@ -18,7 +18,6 @@ packages with mmdebstrap and imported under the very reference `FROM` names (`ba
 
 from __future__ import annotations
 
-import argparse
 import os
 import re
 import shutil
@@ -32,6 +31,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from . import PROJECT_ROOT
+from .cli import tool_parser
 from .polling import PollTimeout, poll_until
 
 PODMAN_DIR = PROJECT_ROOT / ".mmekit" / "podman"
@@ -334,11 +334,7 @@ def import_debian_rootfs(reference: str, suite: str, engine: Engine) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m scripts.engine",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    parser = tool_parser("python -m scripts.engine", __doc__)
     parser.add_argument("command", choices=("start", "status", "stop"))
     args = parser.parse_args(argv)
     try:

@@ -57,7 +57,7 @@ import numpy as np
 from PIL import Image
 
 from . import PROJECT_ROOT
-from .cli import OneLineParser, positive_int
+from .cli import OneLineParser, positive_int, tool_parser
 from .models import MODELS, TIERS, resolve, spec
 from .weights import DEFAULT_ROOT, build_tier, read_info, weights_dir
 
@@ -465,9 +465,7 @@ def parse_models(text: str) -> tuple[str, ...]:
 
 
 def build_parser() -> OneLineParser:
-    parser = OneLineParser(
-        prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = tool_parser(PROG, __doc__, OneLineParser)
     parser.add_argument("--tier", choices=TIERS, default="synthetic")
     parser.add_argument("--models", default=",".join(MODELS), help="e.g. sam,lama,sd (default)")
     parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT)

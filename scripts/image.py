@@ -18,7 +18,6 @@ reach pip as one, never as a file in a layer. Everything else goes through the D
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import os
 import re
@@ -30,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import PROJECT_ROOT, engine
+from .cli import tool_parser
 
 NO_ENGINE = (
     "no Docker engine reachable here (none answers, and podman could not be set up): use "
@@ -366,11 +366,7 @@ def build(push: bool, environ: dict[str, str] | None = None) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m scripts.image",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    parser = tool_parser("python -m scripts.image", __doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     build_parser = commands.add_parser("build", help="build, tagged mmekit:<git sha>")
     build_parser.add_argument("--push", action="store_true", help="push to $IMAGE_REPOSITORY")

@@ -41,7 +41,7 @@ from typing import Any
 import yaml
 
 from . import PROJECT_ROOT
-from .cli import OneLineParser, positive_int
+from .cli import OneLineParser, positive_int, tool_parser
 
 PROG = "python -m scripts.plan"
 INSTANCES_FILE = PROJECT_ROOT / "configs" / "instances.yaml"
@@ -497,11 +497,7 @@ def headroom_fraction(text: str) -> float:
 
 
 def build_parser(defaults: dict) -> OneLineParser:
-    parser = OneLineParser(
-        prog=PROG,
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    parser = tool_parser(PROG, __doc__, OneLineParser)
     parser.add_argument(
         "--models",
         action="append",

@@ -31,6 +31,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from .archive import DEFAULT_STORE
+from .cli import tool_parser
 from .sagemaker.ami import AmiChoice, load_ami_table, plan_ami
 from .sagemaker.debug import debug_logging
 from .sagemaker.endpoint import build_and_push_image
@@ -128,10 +129,9 @@ def build_parser() -> argparse.ArgumentParser:
                            help="log every AWS call (botocore; credentials redacted)")  # fmt: skip
         return flags
 
-    parser = argparse.ArgumentParser(
-        prog="python -m scripts.promote",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+    parser = tool_parser(
+        "python -m scripts.promote",
+        __doc__,
         parents=[shared(suppress=False)],
     )
     after = [shared(suppress=True)]

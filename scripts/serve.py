@@ -34,6 +34,7 @@ from pathlib import Path
 
 from . import PROJECT_ROOT
 from .archive import DEFAULT_STORE, archive_models
+from .cli import tool_parser
 from .examples import write_requests
 from .models import MODELS, spec
 from .torchserve import ServeError
@@ -162,11 +163,7 @@ def start(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m scripts.serve",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    parser = tool_parser("python -m scripts.serve", __doc__)
     parser.add_argument("--run-dir", type=Path, default=RUN_DIR, help=argparse.SUPPRESS)
     commands = parser.add_subparsers(dest="command", required=True)
     start_parser = commands.add_parser("start", help="archive and serve all three models")

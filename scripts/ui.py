@@ -55,6 +55,7 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from . import client, targets
+from .cli import tool_parser
 from .client import Picture
 from .loopback import LoopbackGuard
 from .models import spec
@@ -394,11 +395,7 @@ def create_app(target: Target, max_side: int | None = None) -> Starlette:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m scripts.ui",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    parser = tool_parser("python -m scripts.ui", __doc__)
     parser.add_argument(
         "--target",
         choices=("local", "mme", "sagemaker"),

@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 import yaml
 
 from . import PROJECT_ROOT
+from .cli import tool_parser
 from .models import MODELS, RANDOM_TIERS, TIERS, resolve, spec
 
 if TYPE_CHECKING:
@@ -449,11 +450,7 @@ def status(root: Path = DEFAULT_ROOT) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m scripts.weights",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    parser = tool_parser("python -m scripts.weights", __doc__)
     parser.add_argument("--root", type=Path, default=DEFAULT_ROOT, help="weights folder")
     commands = parser.add_subparsers(dest="command", required=True)
     build = commands.add_parser("build", help="build random weights (tiny or synthetic)")

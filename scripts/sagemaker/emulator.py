@@ -27,7 +27,6 @@ where tarballs come from (sources.py) and what runs them (backends.py) are apart
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import logging
@@ -51,6 +50,7 @@ from mmekit_limits import SAGEMAKER_PAYLOAD_BYTES
 from prometheus_client import CollectorRegistry, Counter, Gauge, Summary, generate_latest
 
 from .. import PROJECT_ROOT
+from ..cli import tool_parser
 from ..polling import PollTimeout, poll_until
 from ..sagemaker.backends import (
     CONTAINER_MODELS_DIR,
@@ -513,11 +513,7 @@ def main(argv: list[str] | None = None) -> int:
     from ..examples import write_requests
     from ..torchserve.runtime import interrupt
 
-    parser = argparse.ArgumentParser(
-        prog="python -m scripts.sagemaker.emulator",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    parser = tool_parser("python -m scripts.sagemaker.emulator", __doc__)
     parser.add_argument(
         "--source",
         default=os.environ.get("MME_SOURCE") or str(DEFAULT_STORE),
