@@ -53,7 +53,7 @@ def encode(image: Image.Image) -> str:
     return base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
-def sam_example(image: str, mask: str, steps: int) -> dict:
+def sam_example(image: str, mask: str, steps: int | None) -> dict:
     return {
         "image": image,
         # a JSON string, as the AWS sample's client sends it
@@ -63,28 +63,30 @@ def sam_example(image: str, mask: str, steps: int) -> dict:
     }
 
 
-def lama_example(image: str, mask: str, steps: int) -> dict:
+def lama_example(image: str, mask: str, steps: int | None) -> dict:
     return {"image": image, "mask_image": mask, "dilate_kernel_size": 15}
 
 
-def sd_example(image: str, mask: str, steps: int) -> dict:
+def sd_example(image: str, mask: str, steps: int | None) -> dict:
+    # steps and guidance left out: the model's config holds their defaults
+    gen_args: dict = {"seed": 42} if steps is None else {"seed": 42, "num_inference_steps": steps}
     return {
         "image": image,
         "mask_image": mask,
         "prompt": "a small potted cactus on a wooden table",
         "negative_prompt": "blurry, low quality",
-        "gen_args": {"seed": 42, "num_inference_steps": steps, "guidance_scale": 7.5},
+        "gen_args": gen_args,
     }
 
 
-def requests(sd_steps: int = 30) -> dict[str, dict]:
+def requests(sd_steps: int | None = None) -> dict[str, dict]:
     """Every registered model's example request; `sd_steps`: denoising steps, for a model
-    that takes them (a readiness probe asks for 1)."""
+    that takes them (a readiness probe asks for 1; None: the model's default)."""
     image, mask = encode(scene()), encode(ball_mask())
     return {model: resolve(spec(model).example)(image, mask, sd_steps) for model in names()}
 
 
-def write_requests(folder: Path, sd_steps: int = 30) -> dict[str, Path]:
+def write_requests(folder: Path, sd_steps: int | None = None) -> dict[str, Path]:
     folder.mkdir(parents=True, exist_ok=True)
     written = {}
     for model, body in requests(sd_steps).items():
