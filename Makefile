@@ -68,7 +68,7 @@ ui: ## the editor in a browser, on 127.0.0.1:8095 (UI_TARGET=local|mme|sagemaker
 stop: ## stop a server started with DETACH=1
 	@$(SETUP) && $(VENV_PY) -m scripts.serve stop
 
-token: ## print the inference token of the running local server (for curl)
+token: ## print the inference token of the running local server, serve-local or dev (for curl)
 	@$(SETUP) && $(VENV_PY) -m scripts.serve token
 
 test: ## set up everything (chromium too, for the editor's browser test) and run all fast tests

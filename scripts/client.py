@@ -6,10 +6,11 @@
 
 (`mmekit` is `python -m scripts.client`; `make edit ARGS="..."` runs it too.)
 
-Targets differ only in transport: `local` is TorchServe's inference API (`make serve-local`;
-the token is read from its key file, or MMEKIT_TOKEN), `mme` the local multi-model endpoint
-(`make serve-mme`) and `sagemaker` a real endpoint (name and region from promotion.json, or
---endpoint/--region), both through boto3's sagemaker-runtime with a TargetModel.
+Targets differ only in transport: `local` is TorchServe's inference API (the running
+`make serve-local` or `make dev`, from its record in .mmekit/servers/; or MMEKIT_TOKEN), `mme`
+the local multi-model endpoint (`make serve-mme`) and `sagemaker` a real endpoint (name and
+region from promotion.json, or --endpoint/--region), both through boto3's sagemaker-runtime
+with a TargetModel.
 
 `mmekit segment` remembers the image_id SAM answers (in .mmekit/image-ids.json, the last 32,
 by target and the bytes sent): run again on the same file, it sends only the id and the clicks,

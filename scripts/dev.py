@@ -42,12 +42,14 @@ from .archive import (
 )
 from .cli import tool_parser
 from .examples import requests as example_requests
+from .examples import write_requests
 from .models import MODELS, spec
-from .torchserve import ServeError
+from .torchserve import RUN_DIR, ServeError, running
 from .torchserve.client import Reply, TorchServeClient, loopback_url
 from .torchserve.profile import Ports, check_ports_free, render_profile
 from .torchserve.readiness import wait_for_ping, wait_for_token, wait_until
-from .torchserve.runtime import RUN_DIR, NativeRuntime, interrupt, shut_down
+from .torchserve.running import RECORDS_DIR, RunningServer, curl_lines
+from .torchserve.runtime import NativeRuntime, interrupt, shut_down
 from .weights import DEFAULT_ROOT, build_tier, sha256_of, weights_dir
 
 PROBE_TIMEOUT_S = 120.0  # a new version that has not answered by then is given up
@@ -242,6 +244,16 @@ class DevServer:
         wait_for_ping(self.client, process, PING_TIMEOUT_S)
         return process
 
+    def announce(self, records: Path) -> None:
+        """Record this server as the local one (`make token`, the `mmekit` client and
+        `make ui` find it there) and print the curl lines `make serve-local` prints."""
+        requests_dir = write_requests(self.run_dir / "requests")["sam"].parent
+        record = RunningServer.started(
+            "dev", self.runtime.running_pid(), self.ports, self.run_dir, self.run_dir
+        )
+        running.write(record, records)
+        print(curl_lines(self.inference_url, requests_dir, self.root), flush=True)
+
     def reload(self, model: str, edited_at: float) -> bool:
         """Swap `model` to its edited code; False (old version kept) when the edit fails."""
         error = self.precheck(model)
@@ -326,6 +338,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--root", type=Path, default=PROJECT_ROOT, help=argparse.SUPPRESS)
     parser.add_argument("--run-dir", type=Path, default=RUN_DIR / "dev", help=argparse.SUPPRESS)
     parser.add_argument("--weights", type=Path, default=DEFAULT_ROOT, help=argparse.SUPPRESS)
+    # where the clients find the running server (a test's own, so as not to touch the user's)
+    parser.add_argument("--records", type=Path, default=RECORDS_DIR, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     ports = Ports.from_env()
     server = None
@@ -342,6 +356,7 @@ def main(argv: list[str] | None = None) -> int:
             tier = resolve_tier("sam", "auto", args.weights)
         server = DevServer(args.root, args.run_dir, args.weights, tier, ports)
         process = server.start()
+        server.announce(args.records)
         log(
             f"ready on {server.inference_url} (tier {tier}); edit handlers/ or configs/ and "
             "the model swaps in"
@@ -359,6 +374,7 @@ def main(argv: list[str] | None = None) -> int:
             log(server.summary())
         if server is not None and process is not None:
             shut_down(server.runtime, process)
+            running.clear(args.records, "dev", server.run_dir)
 
 
 if __name__ == "__main__":

@@ -30,20 +30,20 @@ import argparse
 import os
 import signal
 import sys
+from dataclasses import replace
 from pathlib import Path
 
-from . import PROJECT_ROOT
 from .archive import DEFAULT_STORE, archive_models
 from .cli import tool_parser
 from .examples import write_requests
-from .models import MODELS, spec
-from .torchserve import ServeError
-from .torchserve.client import TorchServeClient, loopback_url, read_token
+from .models import MODELS
+from .torchserve import RUN_DIR, ServeError, running
+from .torchserve.client import loopback_url, read_token
 from .torchserve.profile import Ports, check_ports_free, render_profile
 from .torchserve.readiness import wait_for_token, wait_until_ready
+from .torchserve.running import RECORDS, RunningServer, curl_lines
 from .torchserve.runtime import (
     ACTIVE_RUNTIME,
-    RUN_DIR,
     RUNTIMES,
     active_runtime,
     choose_runtime,
@@ -78,29 +78,13 @@ def tiny_banner(entries: dict[str, dict]) -> str:
     )
 
 
-def curl_lines(ports: Ports, requests_dir: Path) -> str:
-    relative = os.path.relpath(requests_dir, PROJECT_ROOT)
-    torchserve = TorchServeClient(loopback_url(ports.inference))
-    auth = '-H "Authorization: Bearer $(make -s token)"'
-    lines = ["", "Try it (from the project folder):"]
-    for model in MODELS:
-        lines.append(
-            f"  curl -s {torchserve.predictions_url(model)} {auth} "
-            "-H 'Content-Type: application/json' "
-            f"--data-binary @{relative}/{model}.json "
-            f"| python3 -m scripts.save_image {spec(model).curl_output}"
-        )
-    lines.append("Stop with Ctrl-C (or `make stop` when started with DETACH=1).")
-    return "\n".join(lines)
-
-
 def start(args: argparse.Namespace) -> int:
     run_dir, store = args.run_dir, args.store.resolve()
     previous = active_runtime(run_dir, store)
-    running = previous.running_pid()
-    if running is not None:  # its key file, config and pid file live in this run folder
+    already = previous.running_pid()
+    if already is not None:  # its key file, config and pid file live in this run folder
         raise ServeError(
-            f"an mmekit server is already running ({previous.name}, pid {running}): "
+            f"an mmekit server is already running ({previous.name}, pid {already}): "
             "`make stop` first"
         )
     runtime = RUNTIMES[choose_runtime(args.runtime)](run_dir, store)
@@ -149,7 +133,16 @@ def start(args: argparse.Namespace) -> int:
             management_url=loopback_url(management_port),
             management_token=management_token,
         )
-        print(curl_lines(ports, examples["sam"].parent), flush=True)
+        records = run_dir / RECORDS
+        served = replace(ports, management=management_port)
+        running.write(
+            RunningServer.started(
+                runtime.name, runtime.running_pid(), served, run_dir, runtime.key_dir
+            ),
+            records,
+        )
+        print(curl_lines(loopback_url(ports.inference), examples["sam"].parent))
+        print("Stop with Ctrl-C (or `make stop` when started with DETACH=1).", flush=True)
         if args.detach:
             keep_running = True
             return 0
@@ -160,6 +153,7 @@ def start(args: argparse.Namespace) -> int:
     finally:
         if not keep_running:
             shut_down(runtime, process)
+            running.clear(run_dir / RECORDS, runtime.name, run_dir)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -195,11 +189,13 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "start":
             return start(args)
         if args.command == "stop":
-            stopped = active_runtime(args.run_dir).stop()
+            runtime = active_runtime(args.run_dir)
+            stopped = runtime.stop()
+            running.clear(args.run_dir / RECORDS, runtime.name, args.run_dir)
             print("stopped" if stopped else "no mmekit server was running")
             return 0
-        key_dir = active_runtime(args.run_dir).key_dir
-        print(read_token(key_dir, "management" if args.management else "inference"))
+        server = running.current(args.run_dir / RECORDS)  # make serve-local's, or make dev's
+        print(server.token("management" if args.management else "inference"))
         return 0
     except ServeError as error:
         print(f"error: {error}", file=sys.stderr)

@@ -92,7 +92,8 @@ def refused(status: int, text: str) -> EditError:
 
 @dataclass
 class LocalTarget:
-    """TorchServe's inference API, as `make serve-local` runs it."""
+    """TorchServe's inference API, as `make serve-local` or `make dev` runs it: the local
+    server's record (scripts/torchserve/running.py) says where it is and where its key is."""
 
     url: str
     token: str | None = None
@@ -100,25 +101,44 @@ class LocalTarget:
     name: str = "local"
     key_dir: Path | None = None  # where key_file.json is: a token that expired is renewed
     management_url: str | None = None
+    records: Path | None = None  # the running-server records it was found by, to look again
+    server: Any = None  # that record (a RunningServer), for messages
     _torchserve: Any = None
 
     @classmethod
-    def from_environment(cls, url: str | None = None) -> LocalTarget:
+    def from_environment(cls, url: str | None = None, records: Path | None = None) -> LocalTarget:
+        """The running local server (its record); MMEKIT_TOKEN (with --url or INFERENCE_PORT)
+        names another server's key instead, and a --url where no local server runs is tried
+        without a key."""
         from .torchserve import ServeError
-        from .torchserve.client import loopback_url, read_token
-        from .torchserve.runtime import RUN_DIR, active_runtime
+        from .torchserve.client import loopback_url
+        from .torchserve.running import RECORDS_DIR, current
 
-        port = os.environ.get("INFERENCE_PORT", "8080")
-        management = loopback_url(os.environ.get("MANAGEMENT_PORT", "8081"))
-        token = os.environ.get("MMEKIT_TOKEN")  # another server's key; else our key file
+        records = records or RECORDS_DIR
+        token = os.environ.get("MMEKIT_TOKEN")
         if token:
-            return cls(url or loopback_url(port), token)
-        key_dir = active_runtime(RUN_DIR).key_dir
+            return cls(url or loopback_url(os.environ.get("INFERENCE_PORT", "8080")), token)
         try:
-            token = read_token(key_dir)
+            server = current(records)
+        except ServeError as error:
+            if url:  # a server of the user's own, maybe without token auth: try it as it is
+                return cls(url)
+            raise Unreachable(str(error)) from None
+        target = cls(url or server.inference_url, records=records)
+        target.follow(server)
+        return target
+
+    def follow(self, server: Any) -> None:
+        """Talk to `server` (a RunningServer) with its current key."""
+        from .torchserve import ServeError
+
+        self.server, self.key_dir = server, Path(server.key_dir)
+        self.management_url = server.management_url
+        self._torchserve = None
+        try:
+            self.token = server.token()
         except (ServeError, OSError, ValueError, KeyError):
-            token = None  # token auth off (sagemaker profile), or no local server yet
-        return cls(url or loopback_url(port), token, key_dir=key_dir, management_url=management)
+            self.token = None  # token auth off (sagemaker profile)
 
     def torchserve(self) -> Any:
         """TorchServe's client (scripts/torchserve/client.py), keyed per call with `token`."""
@@ -129,8 +149,22 @@ class LocalTarget:
         return self._torchserve
 
     def renew_token(self) -> bool:
-        """TorchServe's keys expire (token_expiration_min) and stay expired in key_file.json:
-        ask its token API, with the API key from the same file, for a fresh inference key."""
+        """A refused key, renewed once: the server was restarted (another key, maybe another
+        server: the record is read again), or its key expired (token_expiration_min: its
+        token API, with the API key from the same file, issues a fresh one)."""
+        if self.records is not None:
+            from .torchserve import ServeError
+            from .torchserve.running import current
+
+            try:
+                server = current(self.records)
+            except ServeError:
+                return False
+            if server != self.server:
+                if self.server is None or self.url == self.server.inference_url:
+                    self.url = server.inference_url  # not a --url of the user's: follow it
+                self.follow(server)
+                return True
         if self.key_dir is None or self.management_url is None:
             return False
         import requests
@@ -148,15 +182,23 @@ class LocalTarget:
         return reply.status == 200
 
     def describe(self) -> str:
-        return f"TorchServe at {self.url}"
+        if self.server is None:
+            return f"TorchServe at {self.url}"
+        return f"TorchServe at {self.url}, `{self.server.command}`'s ({self.server.runtime})"
 
     def invoke(self, model: str, body: bytes) -> dict:
         reply = self.post(model, body)
         if self.refused_key(reply) and self.renew_token():
             reply = self.post(model, body)  # once, with the renewed key
         if self.refused_key(reply):
+            running = (
+                f"the local server running is {self.server.describe()}; "
+                if self.server is not None
+                else ""
+            )
             raise Refused(
-                "the server refused the token: is it the server `make serve-local` started?"
+                f"the server at {self.url} refused the token: {running}`make -s token` prints "
+                "its key (MMEKIT_TOKEN names another server's)"
             )
         if reply.status_code == 404:
             raise Refused(f"no model {model!r} at {self.url}")
@@ -175,7 +217,8 @@ class LocalTarget:
             return self.torchserve().predict(model, body, token=self.token, timeout=self.timeout)
         except requests.ConnectionError:
             raise Unreachable(
-                f"cannot reach {self.url}: start the server with `make serve-local`"
+                f"cannot reach {self.url}: start a local server with `make serve-local` or "
+                "`make dev`"
             ) from None
         except requests.Timeout:
             raise TargetFailed(f"{model} did not answer within {self.timeout:.0f} s") from None

@@ -18,12 +18,11 @@ import pytest
 
 from scripts import PROJECT_ROOT, engine, image, serve
 from scripts.archive import DEFAULT_STORE
-from scripts.torchserve import ServeError
+from scripts.torchserve import RUN_DIR, ServeError
 from scripts.torchserve import runtime as torchserve_runtime
 from scripts.torchserve.profile import Ports
 from scripts.torchserve.runtime import (
     ACTIVE_RUNTIME,
-    RUN_DIR,
     ComposeRuntime,
     NativeRuntime,
     active_runtime,

@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 
 from scripts import serve
-from scripts.torchserve import ServeError
+from scripts.torchserve import RUN_DIR, ServeError
 from scripts.torchserve.profile import Ports, check_ports_free, render_profile
-from scripts.torchserve.runtime import RUN_DIR
+from scripts.torchserve.running import curl_lines
 
 
 def properties(profile: str) -> dict[str, str]:
@@ -70,7 +70,7 @@ def test_ports_come_from_the_environment():
 
 
 def test_curl_lines_name_the_port_the_token_helper_and_the_request_files(tmp_path):
-    text = serve.curl_lines(Ports(inference=9999), RUN_DIR / "requests")
+    text = curl_lines("http://127.0.0.1:9999", RUN_DIR / "requests")
     assert "http://127.0.0.1:9999/predictions/sam" in text
     assert "$(make -s token)" in text and "Content-Type: application/json" in text
     assert "@.mmekit/requests/sd.json" in text
@@ -83,4 +83,5 @@ def test_random_weights_get_a_loud_banner():
 
 def test_token_without_a_server_says_how_to_start_one(tmp_path, capsys):
     assert serve.main(["--run-dir", str(tmp_path), "token"]) == 1
-    assert "make serve-local" in capsys.readouterr().err
+    error = capsys.readouterr().err
+    assert "make serve-local" in error and "make dev" in error

@@ -10,11 +10,19 @@
 - client: the one HTTP client for the inference and management APIs (TorchServeClient, Reply),
   its keys read from key_file.json (read_token, KeyFileAuth); every TorchServe URL is built
   there.
+- running: the record of the local server that is running (servers/<runtime>.json), which
+  `make token`, the curl lines, the `mmekit` client and `make ui` read.
 
 profile and client import neither torch nor the archive and weights tools: the `mmekit`
 client and the emulator use them without those. ServeError, defined here, is what each module
 raises for the user to fix.
 """
+
+from .. import PROJECT_ROOT
+
+# The run folder of `make serve-local` (key_file.json, logs/, config, servers/); `make dev`
+# runs in its dev/.
+RUN_DIR = PROJECT_ROOT / ".mmekit"
 
 
 class ServeError(Exception):

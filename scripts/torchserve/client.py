@@ -40,7 +40,9 @@ def read_token(run_dir: Path, api: str = "inference") -> str:
     """A key from TorchServe's key_file.json in `run_dir` (`inference`, `management`, `API`)."""
     key_file = run_dir / "key_file.json"
     if not key_file.is_file():
-        raise ServeError(f"no {key_file}: start the server with `make serve-local` first")
+        raise ServeError(
+            f"no {key_file}: is its server running? (`make serve-local` or `make dev`)"
+        )
     return json.loads(key_file.read_text())[api]["key"]
 
 

@@ -16,10 +16,9 @@ from typing import IO, Any
 from .. import PROJECT_ROOT
 from ..archive import DEFAULT_STORE
 from ..models import MODELS
-from ..torchserve import ServeError
+from ..torchserve import RUN_DIR, ServeError
 from ..torchserve.profile import Ports, free_ports, render_profile, with_changes
 
-RUN_DIR = PROJECT_ROOT / ".mmekit"  # TorchServe's working folder: key_file.json, logs/, pid
 COMPOSE_FILE = PROJECT_ROOT / "compose.yaml"
 COMPOSE_CPU_FILE = PROJECT_ROOT / "compose.cpu.yaml"  # the GPU reservation dropped
 COMPOSE_PROJECT = "mmekit"  # compose.yaml's `name`

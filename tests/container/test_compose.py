@@ -22,9 +22,10 @@ import requests
 
 from scripts import PROJECT_ROOT, image
 from scripts.archive import DEFAULT_STORE
+from scripts.torchserve import RUN_DIR
 from scripts.torchserve.client import TorchServeClient, loopback_url, read_token
 from scripts.torchserve.profile import Ports, free_ports
-from scripts.torchserve.runtime import COMPOSE_PROJECT, RUN_DIR, ComposeRuntime
+from scripts.torchserve.runtime import COMPOSE_PROJECT, ComposeRuntime
 from tests.container.conftest import processes, timed
 
 OUTPUTS = ("mask.png", "erased.png", "replaced.png")

@@ -42,7 +42,6 @@ import yaml
 
 from scripts import PROJECT_ROOT, container, examples
 from scripts.polling import PollTimeout, poll_until
-from scripts.torchserve import runtime as torchserve_runtime
 from scripts.torchserve.client import Reply
 from scripts.torchserve.profile import PROFILES, Ports, free_ports, render_profile
 from scripts.torchserve.readiness import wait_for_token
@@ -710,17 +709,22 @@ def test_an_expired_token_is_refused_and_the_token_api_issues_a_fresh_one(guarde
 
 
 def test_the_client_recovers_from_an_expired_token(
-    guarded: Server, monkeypatch: pytest.MonkeyPatch, figures
+    guarded: Server, monkeypatch: pytest.MonkeyPatch, tmp_path: Path, figures
 ):
     from scripts import targets
+    from scripts.torchserve import running
 
     rotate(guarded, "inference")
-    # where `make serve-local` runs: the run folder the client's from_environment reads
-    monkeypatch.setattr(torchserve_runtime, "RUN_DIR", guarded.run_dir)
+    # as `make serve-local` records its server: the record the client's from_environment reads
+    records = tmp_path / "servers"
+    running.write(
+        running.RunningServer.started(
+            "native", guarded.process.pid, guarded.ports, guarded.run_dir, guarded.run_dir
+        ),
+        records,
+    )
     monkeypatch.delenv("MMEKIT_TOKEN", raising=False)
-    monkeypatch.setenv("INFERENCE_PORT", str(guarded.ports.inference))
-    monkeypatch.setenv("MANAGEMENT_PORT", str(guarded.ports.management))
-    target = targets.LocalTarget.from_environment()
+    target = targets.LocalTarget.from_environment(records=records)
     target.timeout = 60.0
     body = sam_body()
     figures.add(inputs_tried=1, requests_sent=2)

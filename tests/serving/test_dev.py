@@ -84,7 +84,8 @@ def dev(tmp_path: Path, weights_root: Path) -> Iterator[Dev]:
     log_path = tmp_path / "dev.log"
     run_dir = tmp_path / "run"
     command = [sys.executable, "-m", "scripts.dev", "--root", str(root), "--run-dir",
-               str(run_dir), "--weights", str(weights_root), "--tier", "tiny"]  # fmt: skip
+               str(run_dir), "--weights", str(weights_root), "--tier", "tiny",
+               "--records", str(tmp_path / "servers")]  # fmt: skip
     with open(log_path, "wb") as log:
         process = subprocess.Popen(
             command, cwd=PROJECT_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT
