@@ -12,7 +12,7 @@ import yaml
 
 import mmekit_cuda  # the driver/CUDA rule the handlers also use (torch-free)
 
-from ..sagemaker.settings import AMI_TABLE, PromoteError, Settings
+from .settings import AMI_TABLE, PromoteError, Settings
 
 
 @dataclass(frozen=True)

@@ -52,7 +52,11 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Summary, genera
 from .. import PROJECT_ROOT
 from ..cli import tool_parser
 from ..polling import PollTimeout, poll_until
-from ..sagemaker.backends import (
+from ..torchserve import ServeError
+from ..torchserve.client import Reply, TorchServeClient
+from ..torchserve.profile import check_port_free
+from ..torchserve.readiness import accepts_calls
+from .backends import (
     CONTAINER_MODELS_DIR,
     READY_POLL_S,
     Backend,
@@ -60,11 +64,7 @@ from ..sagemaker.backends import (
     start_container,
     start_torchserve,
 )
-from ..sagemaker.sources import REGION, LocalSource, ModelNotFound, S3Source, make_s3_client
-from ..torchserve import ServeError
-from ..torchserve.client import Reply, TorchServeClient
-from ..torchserve.profile import check_port_free
-from ..torchserve.readiness import accepts_calls
+from .sources import REGION, LocalSource, ModelNotFound, S3Source, make_s3_client
 
 if TYPE_CHECKING:
     pass

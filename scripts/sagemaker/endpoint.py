@@ -7,15 +7,11 @@ from __future__ import annotations
 import re
 import time
 from collections.abc import Callable, Mapping
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from ..sagemaker.errors import error_code, is_not_found
-from ..sagemaker.naming import config_name, model_name
-from ..sagemaker.settings import PromoteError, Settings
-
-if TYPE_CHECKING:
-    from ..sagemaker.promoter import Promoter
-
+from .errors import error_code, is_not_found
+from .naming import config_name, model_name
+from .settings import PromoteError, Settings
 
 TRANSITIONAL = {"Creating", "Updating", "SystemUpdating", "RollingBack", "Deleting"}
 ECR_IMAGE = re.compile(
@@ -25,7 +21,9 @@ ECR_IMAGE = re.compile(
 DIGEST_IMAGE = re.compile(r"^[^@\s]+@sha256:[0-9a-f]{64}$")
 
 
-def build_and_push_image(settings: Settings, environ: Mapping[str, str], promoter: Promoter) -> str:
+def build_and_push_image(
+    settings: Settings, environ: Mapping[str, str], promoter: EndpointSteps
+) -> str:
     """IMAGE_URI when given; else the image of this commit: reused when ECR already has it (a
     rebuild could change the digest, and with it the endpoint), built and pushed otherwise,
     where an engine runs. Never from uncommitted changes: the tag names a commit."""

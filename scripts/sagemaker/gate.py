@@ -11,8 +11,8 @@ from pathlib import Path
 
 from ..archive import DEFAULT_STORE, read_manifest
 from ..models import MODELS
-from ..sagemaker.settings import TESTED_RECORD, PromoteError, Settings
 from ..weights import sha256_of
+from .settings import TESTED_RECORD, PromoteError, Settings
 
 
 @dataclass(frozen=True)

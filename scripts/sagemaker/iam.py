@@ -10,7 +10,7 @@ from pathlib import Path
 from string import Template
 from typing import Any
 
-from ..sagemaker.settings import Settings
+from .settings import Settings
 
 TEMPLATES = Path(__file__).resolve().parent / "iam"
 # Why two of the promoting user's statements are as they are (JSON carries no comments):

@@ -6,7 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 
-from ..sagemaker.settings import Settings
+from .settings import Settings
 
 
 def short_hash(value: object) -> str:

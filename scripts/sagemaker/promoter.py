@@ -10,11 +10,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..sagemaker.endpoint import EndpointSteps
-from ..sagemaker.s3 import Uploads
-from ..sagemaker.scaling import Scaling
-from ..sagemaker.settings import Settings
-from ..sagemaker.smoke import Smoke
+from .endpoint import EndpointSteps
+from .s3 import Uploads
+from .scaling import Scaling
+from .settings import Settings
+from .smoke import Smoke
 
 # Operations that change nothing: everything else counts as a mutating call.
 READ_ONLY = re.compile(r"^(Describe|List|Get|Head|Invoke)")

@@ -7,11 +7,11 @@ import json
 from datetime import UTC, datetime
 from pathlib import Path
 
-from ..sagemaker.ami import AmiChoice
-from ..sagemaker.endpoint import DIGEST_IMAGE
-from ..sagemaker.gate import Artifact
-from ..sagemaker.naming import config_name, model_name
-from ..sagemaker.settings import PROMOTION_FILE, Settings
+from .ami import AmiChoice
+from .endpoint import DIGEST_IMAGE
+from .gate import Artifact
+from .naming import config_name, model_name
+from .settings import PROMOTION_FILE, Settings
 
 
 def plan_lines(

@@ -13,9 +13,9 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from ..sagemaker.errors import error_code, is_not_found
-from ..sagemaker.gate import Artifact
-from ..sagemaker.settings import PromoteError, Settings
+from .errors import error_code, is_not_found
+from .gate import Artifact
+from .settings import PromoteError, Settings
 
 MULTIPART_THRESHOLD = 64 * 1024 * 1024  # one PUT below this; parts of PART_SIZE above
 PART_SIZE = 64 * 1024 * 1024

@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from ..sagemaker.settings import PromoteError, Settings
+from .settings import PromoteError, Settings
 
 
 class Scaling:

@@ -11,9 +11,9 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from ..models import spec
-from ..sagemaker.errors import error_code
-from ..sagemaker.gate import Artifact
-from ..sagemaker.settings import PromoteError, Settings
+from .errors import error_code
+from .gate import Artifact
+from .settings import PromoteError, Settings
 
 
 class Smoke:

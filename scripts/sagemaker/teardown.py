@@ -7,7 +7,7 @@ import re
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from ..sagemaker.promoter import Promoter
+    from .promoter import Promoter
 
 
 def list_models(promoter: Promoter) -> list[dict]:

@@ -23,7 +23,7 @@ from typing import Any
 
 import requests
 
-from ..torchserve import ServeError
+from . import ServeError
 
 PREDICT_TIMEOUT_S = 120.0
 MANAGEMENT_TIMEOUT_S = 60.0  # register, unregister, set-default, scale: TorchServe waits too

@@ -13,7 +13,7 @@ from pathlib import Path
 from mmekit_limits import SAGEMAKER_PAYLOAD_BYTES
 
 from .. import PROJECT_ROOT
-from ..torchserve import ServeError
+from . import ServeError
 
 PROFILES = {
     "local": "local.properties",

@@ -15,8 +15,8 @@ from typing import TypeVar
 import requests
 
 from ..polling import PollError, poll_until
-from ..torchserve import ServeError
-from ..torchserve.client import TorchServeClient, read_token
+from . import ServeError
+from .client import TorchServeClient, read_token
 
 T = TypeVar("T")
 

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from .. import PROJECT_ROOT
 from ..models import MODELS, spec
-from ..torchserve import RUN_DIR, ServeError
+from . import RUN_DIR, ServeError
 from .client import TorchServeClient, loopback_url, read_token
 from .profile import Ports
 

@@ -16,8 +16,8 @@ from typing import IO, Any
 from .. import PROJECT_ROOT
 from ..archive import DEFAULT_STORE
 from ..models import MODELS
-from ..torchserve import RUN_DIR, ServeError
-from ..torchserve.profile import Ports, free_ports, render_profile, with_changes
+from . import RUN_DIR, ServeError
+from .profile import Ports, free_ports, render_profile, with_changes
 
 COMPOSE_FILE = PROJECT_ROOT / "compose.yaml"
 COMPOSE_CPU_FILE = PROJECT_ROOT / "compose.cpu.yaml"  # the GPU reservation dropped
