@@ -5,6 +5,10 @@ from __future__ import annotations
 
 import base64
 import io
+import socketserver
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import numpy as np
 from PIL import Image
@@ -55,3 +59,20 @@ def decode_image(data: str) -> Image.Image:
     image = Image.open(io.BytesIO(base64.b64decode(data)))
     image.load()
     return image
+
+
+# ---------------------------------------------------------------------------------------------
+# Stand-in servers
+
+
+@contextmanager
+def serving(server: socketserver.BaseServer) -> Iterator[socketserver.BaseServer]:
+    """`server` (bound to loopback by the caller) answering from a thread, then shut down."""
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield server
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=10)

@@ -8,7 +8,6 @@ import http.server
 import json
 import subprocess
 import sys
-import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -17,6 +16,7 @@ import pytest
 from scripts.polling import PollError, PollTimeout, ProcessExited, poll_until
 from scripts.torchserve import ServeError
 from scripts.torchserve.readiness import Readiness, wait_until, wait_until_ready
+from tests.support import serving
 
 NO_WAIT_S = 0.0  # a deadline already passed: the check runs once, then the wait gives up
 QUICK_S = 0.01
@@ -128,16 +128,9 @@ def torchserve() -> Iterator[FakeTorchServe]:
         def log_message(self, *args: object) -> None:
             pass
 
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    fake.url = f"http://127.0.0.1:{server.server_address[1]}"
-    try:
+    with serving(http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)) as server:
+        fake.url = f"http://127.0.0.1:{server.server_address[1]}"
         yield fake
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join()
 
 
 def test_ready_when_a_real_request_answers_200(torchserve):

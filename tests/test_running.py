@@ -7,7 +7,6 @@ import json
 import os
 import subprocess
 import sys
-import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -18,6 +17,7 @@ from scripts import serve
 from scripts.targets import LocalTarget, Refused, Unreachable
 from scripts.torchserve.profile import Ports
 from scripts.torchserve.running import NoLocalServer, RunningServer, clear, current, write
+from tests.support import serving
 
 
 def key_folder(folder: Path, key: str) -> Path:
@@ -106,15 +106,8 @@ class Predictions(BaseHTTPRequestHandler):
 
 @pytest.fixture
 def keyed() -> Iterator[KeyedServer]:
-    server = KeyedServer(("127.0.0.1", 0), Predictions)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
+    with serving(KeyedServer(("127.0.0.1", 0), Predictions)) as server:
         yield server
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(timeout=10)
 
 
 def test_the_local_target_reads_the_record(tmp_path: Path, keyed, monkeypatch):

@@ -27,7 +27,6 @@ import re
 import shutil
 import stat
 import subprocess
-import threading
 import time
 from collections.abc import Iterator
 from dataclasses import asdict
@@ -47,6 +46,7 @@ from scripts.torchserve.profile import PROFILES, Ports, free_ports, render_profi
 from scripts.torchserve.readiness import wait_for_token
 from scripts.torchserve.runtime import NativeRuntime
 from tests.servers import Server, emulator_backend, extract_like_sagemaker
+from tests.support import serving
 
 # Set in the guarded server's environment: no worker may see any of them.
 SECRETS = {
@@ -138,15 +138,8 @@ class CanaryHandler(http.server.BaseHTTPRequestHandler):
 
 @pytest.fixture(scope="module")
 def canary() -> Iterator[Canary]:
-    server = Canary()
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
+    with serving(Canary()) as server:
         yield server
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(timeout=5)
 
 
 # -- the guarded server ----------------------------------------------------------------------
