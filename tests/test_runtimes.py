@@ -21,6 +21,7 @@ from scripts.archive import DEFAULT_STORE
 from scripts.torchserve import RUN_DIR, ServeError
 from scripts.torchserve import runtime as torchserve_runtime
 from scripts.torchserve.profile import Ports
+from scripts.torchserve.running import RECORDS, RunningServer, write
 from scripts.torchserve.runtime import (
     ACTIVE_RUNTIME,
     ComposeRuntime,
@@ -207,17 +208,23 @@ def test_compose_without_an_engine_is_not_running(monkeypatch, tmp_path):
     assert runtime.container() is None and runtime.running_pid() is None
 
 
-def test_token_and_stop_follow_the_runtime_last_started(engines, tmp_path, capsys):
+def test_token_reads_the_compose_record_and_stop_follows_the_runtime_last_started(
+    engines, tmp_path, capsys
+):
     folder = engines(container=None)
     (tmp_path / ACTIVE_RUNTIME).write_text("compose\n")
     keys = {"inference": {"key": "from-compose"}, "management": {"key": "m"}}
     (tmp_path / "compose").mkdir()
     (tmp_path / "compose" / "key_file.json").write_text(json.dumps(keys))
+    # as serve start records a compose server once it answers (its pid: one that is alive)
+    server = RunningServer.started("compose", os.getpid(), Ports(), tmp_path, tmp_path / "compose")
+    write(server, tmp_path / RECORDS)
     assert serve.main(["--run-dir", str(tmp_path), "token"]) == 0
     assert capsys.readouterr().out.strip() == "from-compose"
     assert serve.main(["--run-dir", str(tmp_path), "stop"]) == 0
     assert capsys.readouterr().out.strip() == "no mmekit server was running"
     assert calls(folder)[-1]["args"][-1] == "down"
+    assert not (tmp_path / RECORDS / "compose.json").exists()  # stopped: no longer recorded
 
 
 def test_without_a_record_the_runtime_is_native(tmp_path):
