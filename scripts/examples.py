@@ -68,8 +68,9 @@ def lama_example(image: str, mask: str, steps: int | None) -> dict:
 
 
 def sd_example(image: str, mask: str, steps: int | None) -> dict:
-    # steps and guidance left out: the model's config holds their defaults
-    gen_args: dict = {"seed": 42} if steps is None else {"seed": 42, "num_inference_steps": steps}
+    gen_args: dict = {"seed": 42}  # guidance, and steps unless asked: the config's defaults
+    if steps is not None:
+        gen_args["num_inference_steps"] = steps
     return {
         "image": image,
         "mask_image": mask,

@@ -58,7 +58,7 @@ def test_a_server_that_has_gone_is_passed_over_and_named(tmp_path: Path):
     write(record("dev", tmp_path / "dev", dead_pid()), records)
     assert current(records).runtime == "native"  # the dev server died: not the local one
     clear(records, "native", tmp_path / "serve")
-    with pytest.raises(NoLocalServer, match=r"`make dev`'s .* has stopped.*make serve-local"):
+    with pytest.raises(NoLocalServer, match=r"\(`make dev`'s server \(dev, [^)]*\) has stopped\)"):
         current(records)
 
 

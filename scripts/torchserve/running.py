@@ -50,8 +50,8 @@ class RunningServer:
     def started(
         cls, runtime: str, pid: int | None, ports: Ports, run_dir: Path, key_dir: Path
     ) -> RunningServer:
-        """The record of a server that answers now; `ports.management` is ignored by a profile
-        that serves both APIs on one port (sagemaker): pass ports with it equal to inference."""
+        """The record of a server that answers now on `ports` (where a profile serves both
+        APIs on one port, as sagemaker does, `ports.management` is that port)."""
         return cls(
             runtime=runtime,
             pid=pid,
@@ -140,7 +140,7 @@ def current(records_dir: Path = RECORDS_DIR) -> RunningServer:
     for server in servers:
         if server.alive():
             return server
-    gone = f" ({servers[0].describe()} server has stopped)" if servers else ""
+    gone = f" ({servers[0].describe()} has stopped)" if servers else ""
     raise NoLocalServer(f"no local server is running{gone}: start one with {START_COMMANDS}")
 
 
